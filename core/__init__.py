@@ -1,0 +1,1 @@
+"""PromptDev engine: templates, executions, conversations, evaluations, analytics. Never imports Streamlit."""

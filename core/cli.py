@@ -1,0 +1,150 @@
+"""The `promptdev` command line: setup, status, worker, and the subcommands each domain module registers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from core.config import Settings, SettingsError, load_settings
+
+# Domain modules that add subcommands with a `register(subparsers)` function; missing ones are skipped.
+COMMAND_MODULES = (
+    "core.cli_templates",
+    "core.cli_executions",
+    "core.cli_conversations",
+    "core.cli_evaluations",
+    "core.cli_analytics",
+)
+
+
+class CLIError(Exception):
+    """An error to print as one line and exit non-zero."""
+
+
+def fail(message: str) -> None:
+    """Raise a CLIError: one clear line, exit code 1."""
+    raise CLIError(message)
+
+
+def progress(iterable, total: int | None = None, label: str = "", stream=None):
+    """Yield from iterable while drawing a one-line progress bar on stderr (when it is a terminal or forced)."""
+    stream = stream or sys.stderr
+    count = 0
+    for item in iterable:
+        yield item
+        count += 1
+        if total:
+            width = 30
+            filled = int(width * count / total)
+            stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {count}/{total}")
+        else:
+            stream.write(f"\r{label} {count}")
+        stream.flush()
+    stream.write("\n")
+    stream.flush()
+
+
+def _setup(args: argparse.Namespace, settings: Settings) -> None:
+    from core import db
+    from core.model_files import ensure_default_model
+
+    if settings.model_path is None:
+        path = ensure_default_model(settings.models_dir)
+        print(f"model: {path}")
+    url = db.database_url(settings)
+    pool = db.get_pool(settings)  # migrates
+    with pool.connection() as conn:
+        info = db.server_info(conn)
+        applied = db.applied_migrations(conn)
+    where = "embedded" if settings.embedded_database else "external"
+    print(f"database: {where} PostgreSQL {info['version']}, {len(applied)} migrations applied")
+    if args.verbose:
+        print(f"url: {db._redact(url)}")
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> None:
+    from core import db
+
+    pool = db.get_pool(settings)
+    with pool.connection() as conn:
+        info = db.server_info(conn)
+    print(f"database: {'embedded' if settings.embedded_database else 'external'} PostgreSQL {info['version']} "
+          f"({info['size_bytes'] / 1e6:.1f} MB)")
+    print(f"data dir: {settings.data_dir}")
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> None:
+    from core import worker
+
+    worker.run_forever(settings, concurrency=args.concurrency, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="promptdev", description="PromptDev prompt engineering workbench")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("setup", help="assemble the default model, start the database and apply migrations")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_setup)
+    p = sub.add_parser("status", help="show the database and data directory in use")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("worker", help="run a worker for submitted executions and evaluation runs")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_worker)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `promptdev` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        func: Callable[[argparse.Namespace, Settings], int | None] = args.func
+        return int(func(args, settings) or 0)
+    except SettingsError as exc:
+        print(f"promptdev: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CLIError as exc:
+        print(f"promptdev: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("promptdev: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a user never sees a traceback; the type and message say enough
+        known = _known_error(exc)
+        if known is None:
+            raise
+        print(f"promptdev: {known}", file=sys.stderr)
+        return 1
+
+
+def _known_error(exc: Exception) -> str | None:
+    from core.db import DatabaseError
+    from core.llm import GenerationError
+    from core.model_files import ModelFileError
+
+    if isinstance(exc, (DatabaseError, GenerationError, ModelFileError, ValueError, LookupError, PermissionError)):
+        return str(exc)
+    import psycopg
+
+    if isinstance(exc, psycopg.Error):
+        return f"database error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

