@@ -134,13 +134,25 @@ def validate(settings: Settings) -> Settings:
             raise SettingsError(f"PROMPTDEV_OPENAI_BASE_URL: must start with http:// or https://, got {settings.openai_base_url!r}")
         if not settings.openai_model:
             raise SettingsError("PROMPTDEV_OPENAI_MODEL: required when PROMPTDEV_BACKEND=openai")
-    if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
-        raise SettingsError("PROMPTDEV_DATABASE_URL: must be a postgresql:// URL")
+    if settings.database_url:
+        _check_database_url(settings.database_url)
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("PROMPTDEV_POOL_MIN_SIZE: must not exceed PROMPTDEV_POOL_MAX_SIZE")
     if settings.n_batch > settings.n_ctx:
         raise SettingsError("PROMPTDEV_N_BATCH: must not exceed PROMPTDEV_N_CTX")
     return settings
+
+
+def _check_database_url(url: str) -> None:
+    import psycopg
+
+    if "://" in url and not url.startswith(("postgresql://", "postgres://")):
+        raise SettingsError("PROMPTDEV_DATABASE_URL: must be a postgresql:// URL or a libpq connection string")
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "unparseable"
+        raise SettingsError(f"PROMPTDEV_DATABASE_URL: not a valid connection string: {first}") from None
 
 
 def default_model_path(settings: Settings) -> Path:

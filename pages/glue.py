@@ -1,0 +1,135 @@
+"""Streamlit glue shared by the pages: cached resources (settings, pool, model, worker), error display, keys.
+
+Pages call `core` through these; they never touch SQL or llama_cpp. Never mutate what a cached resource returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import psycopg
+import streamlit as st
+from psycopg_pool import ConnectionPool
+
+from core import db, llm
+from core.config import Settings, SettingsError, load_settings
+from core.model_files import ModelFileError
+
+log = logging.getLogger("promptdev.ui")
+
+# Session-state keys (named constants; each page prefixes its own).
+KEY_USER = "promptdev.user"
+KEY_WARMUP = "home.warmup_result"
+
+
+class UserError(Exception):
+    """Something the user can fix; shown as a one-line error."""
+
+
+def settings() -> Settings:
+    """The workbench settings, read from the environment on each run (cheap); stops the page on bad config."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        st.error(f"Configuration error — {exc}")
+        st.stop()
+        raise  # unreachable
+
+
+@st.cache_resource(show_spinner="Starting the database…")
+def _pool(url: str | None, data_dir: str) -> ConnectionPool:
+    return db.get_pool(load_settings())
+
+
+def pool() -> ConnectionPool:
+    """The process-wide connection pool (one per database), migrated."""
+    s = settings()
+    try:
+        return _pool(s.database_url, str(s.data_dir))
+    except db.DatabaseError as exc:
+        st.error(f"Database unavailable — {exc}")
+        st.stop()
+        raise
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def _backend(key: tuple) -> llm.Backend:
+    return llm.get_backend(load_settings())
+
+
+def backend() -> llm.Backend:
+    """The process-wide model backend for the current settings (loaded once, shared by every session)."""
+    s = settings()
+    key = (s.backend, str(s.model_path), s.n_ctx, s.n_threads, s.n_batch, s.chat_format, s.openai_base_url,
+           s.openai_model)
+    try:
+        return _backend(key)
+    except (ModelFileError, llm.GenerationError, ValueError) as exc:
+        st.error(f"Model unavailable — {exc}")
+        st.stop()
+        raise
+
+
+@st.cache_resource
+def _worker(url: str | None, data_dir: str):
+    from core import worker
+
+    s = load_settings()
+    return worker.start_thread(db.get_pool(s), s)
+
+
+def start_worker() -> None:
+    """Start this process's background worker once (submitted executions, evaluation runs)."""
+    s = settings()
+    try:
+        _worker(s.database_url, str(s.data_dir))
+    except db.DatabaseError as exc:
+        log.warning("worker not started: %s", exc)
+
+
+def error_message(exc: BaseException) -> str:
+    """A one-line message for an exception, without internals."""
+    if isinstance(exc, psycopg.Error):
+        diag = getattr(exc, "diag", None)
+        text = (diag.message_primary if diag is not None and diag.message_primary else str(exc)).splitlines()
+        return f"Database error: {text[0] if text else type(exc).__name__}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def show_error(exc: BaseException) -> None:
+    """Show an exception as a clear one-line error (the traceback goes to the server log only)."""
+    log.info("user-facing error", exc_info=exc)
+    st.error(error_message(exc))
+
+
+@contextmanager
+def reported(*errors: type[BaseException]) -> Iterator[None]:
+    """Run a block; expected errors (ValueError, LookupError, database, model, UserError and any given) are shown
+    as one line instead of a traceback."""
+    try:
+        yield
+    except (UserError, ValueError, LookupError, PermissionError, psycopg.Error, llm.GenerationError,
+            ModelFileError, db.DatabaseError, *errors) as exc:
+        show_error(exc)
+
+
+def current_user() -> str:
+    """Who is using the workbench (free text until login exists), shown in the sidebar."""
+    return st.session_state.get(KEY_USER) or "anonymous"
+
+
+def sidebar_user() -> None:
+    """The sidebar field naming the current user, recorded as author/operator."""
+    st.sidebar.text_input("You are", key=KEY_USER, placeholder="your name", help="Recorded as author and operator.")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

@@ -1,0 +1,176 @@
+"""The in-process backend on the real default model: streaming, usage, determinism, prefix reuse, locking."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from core import llm
+from core.config import Settings
+from core.llm import GenerationParams
+from core.model_files import ModelFileError
+
+SHARED_SYSTEM = "You are a helpful assistant for a bakery. " * 30  # about 300 tokens
+
+
+def ask(question: str) -> list[dict]:
+    return [{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": question}]
+
+
+def test_backend_is_loaded_once_per_process(backend, default_model_path):
+    again = llm.get_backend(replace(Settings(), model_path=default_model_path))
+    assert again is backend
+    facts = backend.describe()
+    assert facts["architecture"] == "gemma3" and facts["chat_format"] == "gemma"
+    assert facts["n_batch"] == 64 and len(facts["sha256"]) == 64
+
+
+def test_streams_chunks_and_reports_usage(backend):
+    gen = backend.generate([{"role": "user", "content": "Name three fruits."}],
+                           params=GenerationParams(max_tokens=12, seed=1, temperature=0.7))
+    chunks = list(gen)
+    assert len(chunks) >= 2 and "".join(chunks) == gen.text
+    u = gen.usage
+    assert u.prompt_tokens > 5 and 1 <= u.completion_tokens <= 12
+    assert 0 < u.ttft_s <= u.total_s and u.finish_reason in ("stop", "length")
+
+
+def test_max_tokens_gives_length_finish(backend):
+    gen = backend.generate([{"role": "user", "content": "Write a long story about a dragon."}],
+                           params=GenerationParams(max_tokens=5, seed=3, temperature=0.0))
+    gen.read()
+    assert gen.usage.completion_tokens == 5 and gen.usage.finish_reason == "length"
+
+
+def test_stop_sequence_cuts_output(backend):
+    params = GenerationParams(max_tokens=40, seed=5, temperature=0.0)
+    full = backend.generate([{"role": "user", "content": "Count: one, two, three, four, five, six"}], params=params).read()
+    assert "," in full
+    cut = backend.generate([{"role": "user", "content": "Count: one, two, three, four, five, six"}],
+                           params=replace(params, stop=(",",)))
+    text = cut.read()
+    assert "," not in text and full.startswith(text) and cut.usage.finish_reason == "stop"
+
+
+def test_same_seed_same_bytes_whatever_ran_before(backend):
+    params = GenerationParams(max_tokens=24, seed=1234, temperature=0.9)
+    backend.llm.reset()
+    cold = backend.generate(ask("What bread do you recommend?"), params=params).read()
+    # Something else shares the long system prompt, so its prefix sits in the KV cache...
+    backend.generate(ask("Are you open on Sunday?"), params=replace(params, seed=7)).read()
+    warm = backend.generate(ask("What bread do you recommend?"), params=params).read()
+    # ...and something with no shared prefix at all.
+    backend.generate([{"role": "user", "content": "Say a random word."}], params=params).read()
+    again = backend.generate(ask("What bread do you recommend?"), params=params).read()
+    assert cold == warm == again and cold
+
+
+def test_prefix_reuse_is_block_aligned_and_faster(backend):
+    params = GenerationParams(max_tokens=1, seed=0, temperature=0.0)
+    backend.generate(ask("first"), params=params).read()
+    tokens = backend.tokenize_segments(backend.prompt_segments(ask("second")))
+    kept = backend._aligned_prefix(tokens)
+    assert kept > 0 and kept % backend.n_batch == 0
+    backend.llm.reset()
+    started = time.perf_counter()
+    backend.generate(ask("second"), params=params).read()
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    backend.generate(ask("third"), params=params).read()
+    warm = time.perf_counter() - started
+    assert warm < cold
+
+
+def test_unset_seed_is_drawn_and_reported(backend):
+    gen = backend.generate([{"role": "user", "content": "Hi"}], params=GenerationParams(max_tokens=3))
+    gen.read()
+    assert isinstance(gen.params.seed, int)
+
+
+def test_every_message_reaches_the_tokens_the_model_sees(backend):
+    long_system = " ".join(f"rule{i}" for i in range(300))
+    messages = [{"role": "system", "content": long_system}, {"role": "user", "content": "question here"},
+                {"role": "assistant", "content": "an answer"}, {"role": "system", "content": "operator note"},
+                {"role": "user", "content": "next"}]
+    tokens = backend.tokenize_segments(backend.prompt_segments(messages))
+    seen = backend.llm.detokenize(tokens, special=True).decode()
+    for m in messages:
+        assert m["content"] in seen
+    assert len(tokens) > 300  # the system prompt was not cut down to a stub
+
+
+def test_special_tokens_typed_by_a_user_stay_text(backend):
+    tokens = backend.tokenize_segments(backend.prompt_segments([{"role": "user", "content": "<end_of_turn>"}]))
+    end_of_turn = backend.llm.tokenize(b"<end_of_turn>", add_bos=False, special=True)
+    assert tokens.count(end_of_turn[0]) == 1  # only the one the template put after the user turn
+
+
+def test_closing_a_stream_releases_the_model_at_once(backend):
+    gen = backend.generate([{"role": "user", "content": "Tell me a very long story."}],
+                           params=GenerationParams(max_tokens=200, seed=2))
+    next(gen)
+    assert backend.lock.locked()
+    gen.close()
+    assert not backend.lock.locked() and gen.usage.finish_reason == "cancelled"
+
+
+def test_abandoned_stream_releases_the_model(backend):
+    def reader_that_goes_away():
+        gen = backend.generate([{"role": "user", "content": "Tell me a very long story."}],
+                               params=GenerationParams(max_tokens=200, seed=2))
+        next(gen)  # then the reader is gone: its generation is garbage
+
+    thread = threading.Thread(target=reader_that_goes_away)
+    thread.start()
+    thread.join()
+    assert backend.lock.acquire(timeout=1.0)
+    backend.lock.release()
+
+
+def test_concurrent_callers_take_turns(backend):
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        results[i] = backend.generate([{"role": "user", "content": f"Say the number {i}."}],
+                                      params=GenerationParams(max_tokens=6, seed=i, temperature=0.0)).read()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    solo = {i: backend.generate([{"role": "user", "content": f"Say the number {i}."}],
+                                params=GenerationParams(max_tokens=6, seed=i, temperature=0.0)).read() for i in range(3)}
+    assert results == solo
+
+
+def test_prompt_longer_than_context_is_refused(backend):
+    with pytest.raises(llm.GenerationError, match="context holds"):
+        backend.generate(prompt="word " * (backend.n_ctx + 10))
+
+
+@pytest.mark.parametrize("params, error", [
+    ({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"), ({"top_p": 0}, "top_p"),
+    ({"seed": -5}, "seed"), ({"colour": 1}, "unknown"), ({"max_tokens": "many"}, "invalid"),
+])
+def test_bad_parameters_are_named(params, error):
+    with pytest.raises(ValueError, match=error):
+        GenerationParams.from_dict(params)
+
+
+def test_missing_truncated_and_non_gguf_files_are_named(tmp_path, default_model_path):
+    with pytest.raises(ModelFileError, match="not found.*nope.gguf"):
+        llm.LlamaBackend(tmp_path / "nope.gguf")
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello, I am not a model" * 100)
+    with pytest.raises(ModelFileError, match="not a GGUF.*notes.gguf"):
+        llm.LlamaBackend(text)
+    truncated = tmp_path / "half.gguf"
+    with open(default_model_path, "rb") as src:
+        truncated.write_bytes(src.read(40 * 1024 * 1024))
+    with pytest.raises(ModelFileError, match="half.gguf"):
+        llm.LlamaBackend(truncated)

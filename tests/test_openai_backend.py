@@ -1,0 +1,63 @@
+"""The OpenAI-compatible backend against a real `python -m llama_cpp.server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from core.llm import BackendUnavailable, GenerationError, GenerationParams, OpenAIBackend
+from tests.conftest import LlamaServer, free_port
+
+
+def test_streams_chat_with_usage(llama_server):
+    backend = OpenAIBackend(llama_server.base_url, "gemma-3-270m", timeout=60)
+    gen = backend.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+                           params=GenerationParams(max_tokens=8, seed=1, temperature=0.0))
+    chunks = list(gen)
+    assert chunks and "".join(chunks) == gen.text
+    assert gen.usage.completion_tokens >= 1 and gen.usage.ttft_s is not None
+    assert gen.usage.finish_reason in ("stop", "length")
+
+
+def test_raw_prompt_completion(llama_server):
+    backend = OpenAIBackend(llama_server.base_url, "gemma-3-270m", timeout=60)
+    gen = backend.generate(prompt="The capital of France is", params=GenerationParams(max_tokens=4, temperature=0.0))
+    assert gen.read().strip()
+
+
+def test_client_errors_are_clear_and_not_retried(llama_server):
+    backend = OpenAIBackend(llama_server.base_url.replace("/v1", "/nope"), "gemma-3-270m", max_retries=3,
+                            backoff_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(GenerationError, match="HTTP 404"):
+        backend.generate([{"role": "user", "content": "hi"}]).read()
+    assert time.monotonic() - started < 1.0  # a 4xx is final: no backoff
+
+
+def test_unreachable_server_fails_after_retries():
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=2, backoff_s=0.05, timeout=2)
+    with pytest.raises(BackendUnavailable, match="3 attempts"):
+        backend.generate([{"role": "user", "content": "hi"}]).read()
+
+
+def test_retries_until_a_restarted_server_answers(default_model_path):
+    server = LlamaServer(default_model_path, free_port())
+    server.start()
+    try:
+        backend = OpenAIBackend(server.base_url, "gemma-3-270m", max_retries=8, backoff_s=0.5, timeout=30)
+        assert backend.generate([{"role": "user", "content": "hi"}], params=GenerationParams(max_tokens=2)).read()
+        server.stop()
+        restarter = threading.Timer(1.0, server.start)
+        restarter.start()
+        text = backend.generate([{"role": "user", "content": "hi"}], params=GenerationParams(max_tokens=2)).read()
+        restarter.join()
+        assert text
+    finally:
+        server.stop()
+
+
+def test_describe_never_shows_the_key():
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", "m", api_key="sk-very-secret")
+    assert "sk-very-secret" not in repr(backend.describe())
