@@ -4,22 +4,22 @@ import streamlit as st
 
 from pages import glue
 
-st.set_page_config(page_title="PromptDev", page_icon="🧪", layout="wide")
+st.set_page_config(page_title="PromptDev", page_icon=":material/science:", layout="wide")
 
 PAGES = {
-    "": [st.Page("pages/home.py", title="Home", icon="🏠", default=True)],
+    "": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True)],
     "Build": [
-        st.Page("pages/templates.py", title="Templates", icon="📝"),
-        st.Page("pages/playground.py", title="Playground", icon="🛝"),
+        st.Page("pages/templates.py", title="Templates", icon=":material/description:"),
+        st.Page("pages/playground.py", title="Playground", icon=":material/science:"),
     ],
     "Operate": [
-        st.Page("pages/chat.py", title="Chat", icon="💬"),
-        st.Page("pages/monitor.py", title="Monitor", icon="🛰️"),
+        st.Page("pages/chat.py", title="Chat", icon=":material/chat:"),
+        st.Page("pages/monitor.py", title="Monitor", icon=":material/monitor_heart:"),
     ],
     "Evaluate": [
-        st.Page("pages/datasets.py", title="Datasets", icon="🗂️"),
-        st.Page("pages/evaluations.py", title="Evaluations", icon="⚖️"),
-        st.Page("pages/analytics.py", title="Analytics", icon="📈"),
+        st.Page("pages/datasets.py", title="Datasets", icon=":material/dataset:"),
+        st.Page("pages/evaluations.py", title="Evaluations", icon=":material/balance:"),
+        st.Page("pages/analytics.py", title="Analytics", icon=":material/insights:"),
     ],
 }
 

