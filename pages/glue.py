@@ -19,6 +19,25 @@ from core.model_files import ModelFileError
 
 log = logging.getLogger("promptdev.ui")
 
+
+def _leave_pages_directory_mode() -> None:
+    """Make app.py's st.navigation the only router.
+
+    Streamlit treats a `pages/` folder beside the main script as a v1 multipage app until some run calls
+    st.navigation; a first visitor landing on a deep link (/templates) would get the folder's files as pages,
+    glue included. Every page imports this module first, so switch that mode off and rerun through app.py.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - internal module moved
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_leave_pages_directory_mode()
+
 # Session-state keys (named constants; each page prefixes its own).
 KEY_USER = "promptdev.user"
 KEY_WARMUP = "home.warmup_result"
