@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable
 
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from core.config import Settings
 
@@ -55,6 +55,8 @@ def run_once(pool: ConnectionPool, settings: Settings) -> bool:
     for name, source in _load_sources().items():
         try:
             did = source(pool, settings) or did
+        except PoolClosed:
+            raise
         except Exception:  # one bad unit must not kill the worker; the source records its own failure
             log.exception("task source %s failed", name)
     return did
@@ -65,6 +67,8 @@ def run_until(pool: ConnectionPool, settings: Settings, stop: threading.Event, i
     while not stop.is_set():
         try:
             busy = run_once(pool, settings)
+        except PoolClosed:  # the process is shutting down (or a test dropped its database): stop quietly
+            return
         except Exception:
             log.exception("worker loop failed; retrying")
             busy = False

@@ -25,7 +25,8 @@ def _leave_pages_directory_mode() -> None:
 
     Streamlit treats a `pages/` folder beside the main script as a v1 multipage app until some run calls
     st.navigation; a first visitor landing on a deep link (/templates) would get the folder's files as pages,
-    glue included. Every page imports this module first, so switch that mode off and rerun through app.py.
+    glue included. Every page calls `settings()` first, which calls this: switch that mode off and rerun
+    through app.py.
     """
     try:
         from streamlit.runtime.pages_manager import PagesManager
@@ -35,8 +36,6 @@ def _leave_pages_directory_mode() -> None:
         PagesManager.uses_pages_directory = False
         st.rerun()
 
-
-_leave_pages_directory_mode()
 
 # Session-state keys (named constants; each page prefixes its own).
 KEY_USER = "promptdev.user"
@@ -49,6 +48,7 @@ class UserError(Exception):
 
 def settings() -> Settings:
     """The workbench settings, read from the environment on each run (cheap); stops the page on bad config."""
+    _leave_pages_directory_mode()
     try:
         return load_settings()
     except SettingsError as exc:
@@ -142,6 +142,7 @@ def current_user() -> str:
 
 def sidebar_user() -> None:
     """The sidebar field naming the current user, recorded as author/operator."""
+    _leave_pages_directory_mode()
     st.sidebar.text_input("You are", key=KEY_USER, placeholder="your name", help="Recorded as author and operator.")
 
 
