@@ -6,7 +6,9 @@ Pages call `core` through these; they never touch SQL or llama_cpp. Never mutate
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import psycopg
@@ -19,24 +21,6 @@ from core.model_files import ModelFileError
 
 log = logging.getLogger("promptdev.ui")
 
-
-def _leave_pages_directory_mode() -> None:
-    """Make app.py's st.navigation the only router.
-
-    Streamlit treats a `pages/` folder beside the main script as a v1 multipage app until some run calls
-    st.navigation; a first visitor landing on a deep link (/templates) would get the folder's files as pages,
-    glue included. Every page calls `settings()` first, which calls this: switch that mode off and rerun
-    through app.py.
-    """
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - internal module moved
-        return
-    if getattr(PagesManager, "uses_pages_directory", False):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 # Session-state keys (named constants; each page prefixes its own).
 KEY_USER = "promptdev.user"
 KEY_WARMUP = "home.warmup_result"
@@ -44,6 +28,36 @@ KEY_WARMUP = "home.warmup_result"
 
 class UserError(Exception):
     """Something the user can fix; shown as a one-line error."""
+
+
+APP_SCRIPT = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+def _running_under_app() -> bool:
+    """True when this page runs inside app.py's st.navigation (app.py is on the call stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == APP_SCRIPT:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _leave_pages_directory_mode() -> None:
+    """Make app.py's st.navigation the only router.
+
+    Streamlit treats a `pages/` folder beside the main script as a v1 multipage app until some run calls
+    st.navigation; a first visitor landing on a deep link (/templates) would get the page file run on its own,
+    with the folder's files (glue included) as the navigation. Pages call `settings()` first, which calls this:
+    when the page is not running inside app.py, switch that mode off and rerun through app.py.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - internal module moved
+        return
+    if getattr(PagesManager, "uses_pages_directory", False) and not _running_under_app():
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def settings() -> Settings:
@@ -142,7 +156,6 @@ def current_user() -> str:
 
 def sidebar_user() -> None:
     """The sidebar field naming the current user, recorded as author/operator."""
-    _leave_pages_directory_mode()
     st.sidebar.text_input("You are", key=KEY_USER, placeholder="your name", help="Recorded as author and operator.")
 
 

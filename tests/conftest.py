@@ -85,12 +85,32 @@ def backend(default_model_path: Path):
 
 
 @pytest.fixture
-def app_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Environment for AppTest: the app reads its settings from PROMPTDEV_* variables."""
+def deep_link_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Environment for AppTest as a server's first visitor sees it (Streamlit's pages/ folder mode still on)."""
     monkeypatch.setenv("PROMPTDEV_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("PROMPTDEV_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("PROMPTDEV_MODEL_PATH", str(settings.model_path))
     return settings
+
+
+@pytest.fixture
+def app_env(deep_link_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Environment for AppTest: the app reads its settings from PROMPTDEV_* variables.
+
+    AppTest switches Streamlit back to its pages/ folder mode before every run, where a rerun runs the page file
+    without app.py; a served app leaves that mode for good at its first run (see pages/glue.py). Do the same here
+    so every AppTest run goes through app.py's st.navigation, as in production.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original_init = PagesManager.__init__
+
+    def init_in_navigation_mode(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init_in_navigation_mode)
+    return deep_link_env
 
 
 def free_port() -> int:
