@@ -51,9 +51,16 @@ def _setup(args: argparse.Namespace, settings: Settings) -> None:
     from core import db
     from core.model_files import ensure_default_model
 
-    if settings.model_path is None:
+    from core.model_files import check_gguf
+
+    if settings.backend == "openai":
+        print(f"model: {settings.openai_model} at {settings.openai_base_url}")
+    elif settings.model_path is None:
         path = ensure_default_model(settings.models_dir)
         print(f"model: {path}")
+    else:
+        check_gguf(settings.model_path)
+        print(f"model: {settings.model_path}")
     url = db.database_url(settings)
     pool = db.get_pool(settings)  # migrates
     with pool.connection() as conn:

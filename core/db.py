@@ -76,6 +76,11 @@ def with_database(url: str, dbname: str) -> str:
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 10, name: str = "promptdev",
               timeout: float = 30) -> ConnectionPool:
     """Open a connection pool that checks connections on checkout, so it survives a server restart."""
+    try:  # one direct attempt first: its error says why (refused, auth, no such database) in one line
+        psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseError(f"could not connect to PostgreSQL at {_redact(url)}: {reason}") from None
     pool = ConnectionPool(
         url,
         min_size=min_size,
@@ -193,7 +198,7 @@ def get_pool(settings: Settings) -> ConnectionPool:
     with _pool_lock:
         pool = _pools.get(url)
         if pool is None:
-            pool = open_pool(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size)
+            pool = open_pool(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size, timeout=10)
             with pool.connection() as conn:
                 migrate(conn)
             _pools[url] = pool
