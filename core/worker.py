@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 TaskSource = Callable[[ConnectionPool, Settings], bool]
 _sources: dict[str, TaskSource] = {}
 # Modules whose import registers task sources; missing ones are skipped.
-SOURCE_MODULES = ("core.executions", "core.evaluations")
+SOURCE_MODULES = ("core.executions", "core.evaluations", "core.conversations")
 
 
 def register_source(name: str, source: TaskSource) -> None:

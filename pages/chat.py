@@ -1,6 +1,71 @@
-"""Chat page (being built: see issue 5)."""
+"""Chat: an end user identifies with a user id and talks to the companion on the template an operator assigned.
+
+History is loaded from the database, so it survives reloads; replies stream in. Operator injections are for the AI
+and are not shown here; a halted conversation answers with a "paused" notice.
+"""
+
+from __future__ import annotations
 
 import streamlit as st
 
+from core import conversations
+from pages import glue
+
+# Widget / session-state keys.
+KEY_USER_ID = "chat.user_id"
+KEY_INPUT = "chat.input"
+HISTORY_SHOWN = 200
+
 st.title("Chat")
-st.info("This page is being built (issue 5).")
+
+settings = glue.settings()
+pool = glue.pool()
+
+user_id = st.text_input("Your user id", key=KEY_USER_ID, placeholder="e.g. alice",
+                        help="Identifies you: your conversation and memory are kept under this id.")
+if not user_id.strip():
+    st.info("Enter a user id to start chatting.")
+    st.stop()
+try:
+    user_id = conversations.check_user_id(user_id)
+except ValueError as exc:
+    glue.show_error(exc)
+    st.stop()
+
+AVATARS = {"user": "user", "assistant": "assistant"}
+NOTICE_KINDS = {"paused": "⏸️", "blocked": "🛡️", "error": "⚠️"}
+
+
+def show_message(message: conversations.Message) -> None:
+    """One stored message as a chat bubble."""
+    with st.chat_message(AVATARS.get(message.role, "assistant")):
+        if message.kind in NOTICE_KINDS:
+            st.markdown(f"{NOTICE_KINDS[message.kind]} {message.content}")
+        elif message.content:
+            st.markdown(message.content)
+        if message.status == "cancelled":
+            st.caption("(stopped)")
+
+
+with glue.reported():
+    history = conversations.list_messages(pool, user_id, limit=HISTORY_SHOWN, visible_to_user=True)
+    if not history:
+        st.caption(f"Hi {user_id} — say something to start a conversation.")
+    elif len(history) == HISTORY_SHOWN:
+        st.caption(f"Showing the latest {HISTORY_SHOWN} messages.")
+    for message in history:
+        show_message(message)
+
+text = st.chat_input("Message", key=KEY_INPUT, max_chars=conversations.MAX_MESSAGE_CHARS)
+if text:
+    with st.chat_message("user"):
+        st.markdown(text)
+    with st.chat_message("assistant"), glue.reported():
+        backend = glue.backend()
+        stream = conversations.stream_message(pool, backend, settings, user_id, text)
+        with stream:  # leaving early (the user navigates away) stops the model and stores what was produced
+            st.write_stream(stream)
+        reply = stream.reply
+        if reply is not None and reply.status in ("paused", "blocked", "error"):
+            st.caption({"paused": "This conversation is paused.", "blocked": "Your message was not delivered.",
+                        "error": "The reply failed; an operator can see why."}[reply.status])
