@@ -89,9 +89,16 @@ def _worker(args: argparse.Namespace, settings: Settings) -> None:
     worker.run_forever(settings, concurrency=args.concurrency, quiet=args.quiet)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and a hint), not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="promptdev", description="PromptDev prompt engineering workbench")
+    parser = _Parser(prog="promptdev", description="PromptDev prompt engineering workbench")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("setup", help="assemble the default model, start the database and apply migrations")
     p.add_argument("-v", "--verbose", action="store_true")

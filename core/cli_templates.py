@@ -7,7 +7,7 @@ import getpass
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from core import templates as tpl
 from core.cli import fail
@@ -285,10 +285,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> None:
     if args.file == "-":
         sys.stdout.write(text)
         return
-    try:
-        Path(args.file).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        fail(f"cannot write {args.file}: {exc.strerror or exc}")
+    tpl.write_export(args.file, text)
     print(f"exported {len(data['templates'])} templates to {args.file}")
 
 
@@ -347,9 +344,31 @@ def _render(args: argparse.Namespace, settings: Settings) -> None:
             print(m["content"])
 
 
+def _one_line_errors(parser: argparse.ArgumentParser, *, leaf: bool = True) -> None:
+    """Usage errors as one line on stderr and exit code 2, like every other promptdev error (argparse prints the
+    whole usage first); a leaf command also refuses arguments it does not know, itself, in the same way."""
+    command = parser.prog.split(" ", 1)[-1]
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"promptdev: {command}: {message} (see: {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    if leaf:
+        parse_known_args = parser.parse_known_args
+
+        def strict(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+            namespace, extras = parse_known_args(args, namespace)
+            if extras:
+                error(f"unrecognized arguments: {' '.join(extras)}")
+            return namespace, extras
+
+        parser.parse_known_args = strict  # type: ignore[method-assign]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `templates …` and `render` to the promptdev command line."""
     top = subparsers.add_parser("templates", help="manage versioned prompt templates")
+    _one_line_errors(top, leaf=False)
     sub = top.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("create", help="create a template (version 1)")
@@ -439,10 +458,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("render", help="render a template: promptdev render NAME key=value key:=json …")
     p.add_argument("name")
-    p.add_argument("assignments", nargs="*", metavar="key=value")
+    p.add_argument("assignments", nargs="*", default=[], metavar="key=value")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--label")
     g.add_argument("--version", type=int)
     p.add_argument("--vars", help="a JSON or YAML file of variables")
     p.add_argument("--json", action="store_true", help="print the messages as JSON")
     p.set_defaults(func=_render)
+    for parser in (*sub.choices.values(), p):
+        _one_line_errors(parser)

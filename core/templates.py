@@ -12,12 +12,14 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
+import string
 import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, abc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -266,13 +268,15 @@ class ImportReport:
 class RenderLimits:
     """Resource limits of one render."""
 
-    max_output_chars: int = 1_000_000  # rendered text, and any string or list built while rendering
+    max_output_chars: int = 1_000_000  # rendered text, any string built while rendering, any text a value becomes
+    max_value_chars: int = 10_000_000  # the text size of any list or mapping built while rendering
     max_range: int = 100_000  # items in one range()
     max_steps: int = 1_000_000  # loop iterations, calls and filter applications
     max_seconds: float = 5.0
     max_call_depth: int = 50  # nested macro calls / recursive loops
     max_include_depth: int = 5
     max_int_bits: int = 10_000
+    max_wrap_work: int = 10_000_000_000  # wordwrap: characters copied breaking long words (quadratic in textwrap)
 
 
 DEFAULT_LIMITS = RenderLimits()
@@ -285,7 +289,7 @@ DEFAULT_LIMITS = RenderLimits()
 class _Budget:
     """Counters of one render, reached through a context variable by the sandbox hooks."""
 
-    __slots__ = ("limits", "steps", "deadline", "depth", "output", "missing", "problems")
+    __slots__ = ("limits", "steps", "deadline", "depth", "output", "missing", "problems", "weights", "visiting")
 
     def __init__(self, limits: RenderLimits):
         self.limits = limits
@@ -295,13 +299,15 @@ class _Budget:
         self.output = 0
         self.missing: set[str] = set()
         self.problems: list[str] = []
+        self.weights: dict[int, tuple[Any, int]] = {}  # id -> (container, text weight); keeps the container alive
+        self.visiting: set[int] = set()
 
     def step(self) -> None:
         self.steps += 1
         if self.steps > self.limits.max_steps:
             raise RenderLimitExceeded(
                 f"the template did more than {self.limits.max_steps:,} steps (loop iterations and calls)")
-        if not self.steps & 0x3FF and time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:  # every step: one step may be costly (a comparison, a sort)
             raise RenderLimitExceeded(f"rendering took longer than {self.limits.max_seconds:g} s")
 
     def check_size(self, n: int, what: str = "text") -> None:
@@ -397,21 +403,231 @@ class _CollectingUndefined(jinja2.Undefined):
         return not self.__eq__(other)
 
 
-_FMT_PERCENT = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\d+)?(?:\.(\d+))?")
-_FMT_STAR = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(?:\*|\d*\.\*)")
-_FMT_BRACE = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+# -- Sizes: what a value would weigh as text, computed without building the text ------------------------------------
+
+_DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
 
 
-def _check_format_string(budget: _Budget, fmt: str) -> None:
-    numbers = [n for m in _FMT_PERCENT.finditer(fmt) for n in m.groups() if n]
-    numbers += re.findall(r"\d+", " ".join(m.group(1) for m in _FMT_BRACE.finditer(fmt)))
-    for n in numbers:
-        if len(n) > 12 or int(n) > budget.limits.max_output_chars:
-            raise RenderLimitExceeded(f"format width {int(n):,} exceeds the limit of "
-                                      f"{budget.limits.max_output_chars:,}")
+def _weight(budget: _Budget, value: Any, cap: int) -> int:
+    """About len(str(value)), without building it: exact for strings, an estimate for other scalars, and for lists,
+    tuples, dicts, sets and namespaces the sum of their parts. Containers are immutable in the sandbox, so their
+    weights are remembered for the render; counting stops as soon as it passes cap, so the cost is bounded by cap
+    whatever the value's shape (shared sub-lists nested 40 deep weigh 2**40, and are refused after ~cap steps)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, jinja2.Undefined):
+        return 0
+    if value is None or isinstance(value, bool):
+        return 5
+    if isinstance(value, int):
+        return value.bit_length() * 3 // 10 + 2
+    if isinstance(value, float):
+        return 24
+    if isinstance(value, (bytes, bytearray)):
+        return len(value) + 3
+    key = id(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        hit = budget.weights.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+    if key in budget.visiting:  # a namespace that holds itself prints as {...}
+        return 8
+    if isinstance(value, (list, tuple, set, frozenset)):
+        parts: Iterable[Any] = value
+    elif isinstance(value, dict):
+        parts = (x for pair in value.items() for x in pair)
+    elif isinstance(value, jinja2.utils.Namespace):
+        parts = (x for pair in value._Namespace__attrs.items() for x in pair)  # type: ignore[attr-defined]
+    elif isinstance(value, _DICT_VIEWS):
+        return 14 + _weight(budget, value.mapping, cap)  # type: ignore[attr-defined]
+    else:
+        return 64  # other objects print as a short <...> representation
+    total = 13 if isinstance(value, jinja2.utils.Namespace) else 2
+    budget.visiting.add(key)
+    try:
+        for part in parts:
+            total += _weight(budget, part, cap - total) + 2  # quotes, separators
+            if total > cap:
+                return total
+    finally:
+        budget.visiting.discard(key)
+    if not isinstance(value, jinja2.utils.Namespace):  # a namespace's attributes can be reassigned
+        budget.weights[key] = (value, total)
+    return total
+
+
+def _check_text(budget: _Budget, value: Any, what: str = "the text of a value") -> None:
+    """Refuse to turn value into text when that text would pass the output limit."""
+    if not isinstance(value, str):
+        limit = budget.limits.max_output_chars
+        if _weight(budget, value, limit) > limit:
+            raise RenderLimitExceeded(f"{what} would be longer than the limit of {limit:,} characters")
+
+
+def _too_big_value(limit: int) -> RenderLimitExceeded:
+    return RenderLimitExceeded(f"a list or mapping whose text would be longer than {limit:,} characters "
+                               f"exceeds the limit")
+
+
+def _check_built(budget: _Budget, value: Any) -> None:
+    """Refuse a list or mapping built while rendering whose text would pass max_value_chars."""
+    limit = budget.limits.max_value_chars
+    if _weight(budget, value, limit) > limit:
+        raise _too_big_value(limit)
+
+
+def _materialize(budget: _Budget, iterable: Iterable[Any]) -> list[Any]:
+    """A lazy sequence (map, select, batch …) as a list, refused as soon as it grows past max_value_chars."""
+    limit = budget.limits.max_value_chars
+    items: list[Any] = []
+    total = 2
+    for item in iterable:
+        budget.step()
+        total += _weight(budget, item, limit) + 2
+        if total > limit:
+            raise _too_big_value(limit)
+        items.append(item)
+    return items
+
+
+def _is_lazy(value: Any) -> bool:
+    return isinstance(value, abc.Iterator) and not isinstance(value, (str, bytes))
+
+
+# -- Formatting: %-style and str.format estimated before they run -------------------------------------------------
+
+_FIELD_HEAD = re.compile(r"[^.\[]*")
+_FORMATTER = string.Formatter()
+
+
+def _percent_fields(fmt: str) -> Iterator[tuple[str | None, str | None, str | None, str]]:
+    """(key, width, precision, conversion) of each %-field as CPython parses them, in one linear pass (a regex
+    over '%(%(%(…' is quadratic); stops at a malformed field, which the formatting itself then reports."""
+    i, n = 0, len(fmt)
+
+    def number(i: int) -> tuple[str | None, int]:
+        if i < n and fmt[i] == "*":
+            return "*", i + 1
+        j = i
+        while j < n and "0" <= fmt[j] <= "9":
+            j += 1
+        return fmt[i:j] or None, j
+
+    while True:
+        i = fmt.find("%", i)
+        if i < 0 or i + 1 >= n:
+            return
+        i += 1
+        key = None
+        if fmt[i] == "(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                depth += {"(": 1, ")": -1}.get(fmt[j], 0)
+                j += 1
+            if depth:
+                return
+            key, i = fmt[i + 1:j - 1], j
+        while i < n and fmt[i] in "#0 +-":
+            i += 1
+        width, i = number(i)
+        precision = None
+        if i < n and fmt[i] == ".":
+            precision, i = number(i + 1)
+        while i < n and fmt[i] in "hlL":
+            i += 1
+        if i >= n:
+            return
+        yield key, width, precision, fmt[i]
+        i += 1
+
+
+def _size(budget: _Budget, digits: str | None) -> int:
+    """A width or precision written in a format string; one above the output limit is refused."""
+    if not digits:
+        return 0
+    limit = budget.limits.max_output_chars
+    if len(digits) > 12 or int(digits) > limit:
+        raise RenderLimitExceeded(f"format width {int(digits):,} exceeds the limit of {limit:,}" if len(digits) <= 12
+                                  else f"format width exceeds the limit of {limit:,}")
+    return int(digits)
+
+
+def _estimate_percent(budget: _Budget, fmt: str, right: Any) -> None:
+    """`fmt % right`: every field's width, precision and argument text added up before formatting."""
+    limit = budget.limits.max_output_chars
+    positional = right if isinstance(right, tuple) else (right,)
+    index = 0
+
+    def take() -> Any:
+        nonlocal index
+        index += 1
+        return positional[index - 1] if index <= len(positional) else None
+
+    total = len(fmt)
+    for key, width, precision, conversion in _percent_fields(fmt):
+        if conversion == "%":
+            continue
+        for size in (width, precision):
+            if size == "*":
+                value = take()
+                total += abs(value) if isinstance(value, int) else 0
+            else:
+                total += _size(budget, size)
+        if key is not None:
+            try:
+                value = right[key]
+            except Exception:  # Python's own formatting reports it
+                value = None
+        else:
+            value = take()
+        total += _weight(budget, value, limit) * (4 if conversion in "ra" else 1)
+        if total > limit:
+            break
+    budget.check_size(total, "formatted text")
+
+
+def _estimate_brace(budget: _Budget, fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """`fmt.format(*args, **kwargs)`: every field's argument text and widths (nested ones too) added up."""
+    limit = budget.limits.max_output_chars
+    auto = 0
+
+    def lookup(field: str) -> Any:
+        nonlocal auto
+        head = _FIELD_HEAD.match(field).group(0)  # type: ignore[union-attr]
+        try:
+            if head == "":
+                auto += 1
+                return args[auto - 1]
+            return args[int(head)] if head.isdigit() else kwargs[head]
+        except Exception:  # Python's own formatting reports it
+            return None
+
+    try:
+        fields = list(_FORMATTER.parse(fmt))
+    except ValueError:
+        return
+    total = 0
+    for literal, field, spec, conversion in fields:
+        total += len(literal)
+        if field is None:
+            continue
+        total += _weight(budget, lookup(field), limit) * (4 if conversion in ("r", "a") else 1)
+        if spec:
+            total += sum(_size(budget, digits) for digits in re.findall(r"\d+", spec))
+            try:
+                nested = [f for _, f, _, _ in _FORMATTER.parse(spec) if f is not None]
+            except ValueError:
+                nested = []
+            for inner in nested:
+                size = lookup(inner)
+                total += abs(size) if isinstance(size, int) and not isinstance(size, bool) else 0
+        if total > limit:
+            break
+    budget.check_size(total, "formatted text")
 
 
 def _check_args(budget: _Budget, args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
+    """Whole-number arguments that size a result (widths, counts) must stay under the output limit."""
     limit = budget.limits.max_output_chars
     for value in (*args, *kwargs.values()):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
@@ -420,21 +636,73 @@ def _check_args(budget: _Budget, args: Iterable[Any], kwargs: Mapping[str, Any])
 
 
 def _check_result(budget: _Budget, result: Any) -> None:
-    if isinstance(result, (str, list, tuple, dict, set, bytes)):
+    if isinstance(result, (str, bytes, bytearray)):
         budget.check_size(len(result), "a value")
+    elif isinstance(result, (list, tuple, dict, set, frozenset)):
+        _check_built(budget, result)
 
 
 def _estimate_join(budget: _Budget, items: Any, sep: Any) -> None:
-    if isinstance(items, (list, tuple)):
-        total = sum(len(x) if isinstance(x, str) else 24 for x in items)
-        total += len(sep if isinstance(sep, str) else "") * max(len(items) - 1, 0)
+    if isinstance(items, abc.Collection) and not isinstance(items, (str, bytes, bytearray)):
+        limit = budget.limits.max_output_chars
+        total = len(sep) * max(len(items) - 1, 0) if isinstance(sep, (str, bytes, bytearray)) else 0
+        for item in items:
+            total += _weight(budget, item, limit)
+            if total > limit:
+                break
         budget.check_size(total, "joined text")
 
 
-def _estimate_replace(budget: _Budget, s: Any, old: Any, new: Any) -> None:
-    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
-        count = s.count(old) if old else len(s) + 1
-        budget.check_size(len(s) + count * max(len(new) - len(old), 0), "replaced text")
+def _estimate_replace(budget: _Budget, s: Any, old: Any, new: Any, count: Any = -1) -> None:
+    kinds = (str, bytes, bytearray)
+    if isinstance(s, kinds) and isinstance(old, kinds) and isinstance(new, kinds):
+        found = s.count(old) if old else len(s) + 1
+        if isinstance(count, int) and count >= 0:
+            found = min(found, count)
+        budget.check_size(len(s) + found * max(len(new) - len(old), 0), "replaced text")
+
+
+def _estimate_translate(budget: _Budget, s: Any, table: Any) -> None:
+    if isinstance(s, str):
+        values = table.values() if isinstance(table, Mapping) else table if isinstance(table, (list, tuple)) else ()
+        widest = max((len(v) for v in values if isinstance(v, str)), default=1)
+        budget.check_size(len(s) * max(widest, 1), "translated text")
+
+
+def _estimate_expandtabs(budget: _Budget, s: Any, size: Any) -> None:
+    if isinstance(s, (str, bytes, bytearray)) and isinstance(size, int):
+        tab = "\t" if isinstance(s, str) else b"\t"
+        budget.check_size(len(s) + s.count(tab) * max(size, 0), "expanded text")
+
+
+_WRAP_WORD = re.compile(r"[^\t\n\x0b\x0c\r ]+")
+
+
+def _estimate_wordwrap(budget: _Budget, s: Any, width: Any, break_long_words: Any, wrapstring: Any) -> None:
+    """textwrap breaks a long word by copying what is left of it for every line (quadratic): bound that work
+    and the size of the result."""
+    if not isinstance(s, str) or not isinstance(width, int) or width < 1:
+        return
+    if break_long_words and width < len(s):
+        work = 0
+        for match in _WRAP_WORD.finditer(s):  # words as textwrap sees them (it splits on ASCII whitespace only)
+            size = match.end() - match.start()
+            if size > width:
+                work += size * size // width
+        if work > budget.limits.max_wrap_work:
+            raise RenderLimitExceeded(f"wordwrap: breaking words this long into lines of {width} characters is "
+                                      f"too much work; use a larger width")
+    lines = len(s) // width + s.count("\n") + 1
+    budget.check_size(len(s) + lines * len(wrapstring if isinstance(wrapstring, str) else "\n"), "wrapped text")
+
+
+# -- Filters --------------------------------------------------------------------------------------------------------
+
+_SIZING_FILTERS = frozenset({"center", "indent", "truncate", "batch", "slice"})  # int arguments that size a result
+_TEXT_FILTERS = frozenset({  # filters that turn their value into text
+    "capitalize", "center", "e", "escape", "forceescape", "format", "indent", "lower", "pprint", "replace", "safe",
+    "string", "striptags", "title", "tojson", "trim", "truncate", "upper", "urlencode", "urlize", "wordcount",
+    "wordwrap", "xmlattr"})
 
 
 def _guard_filter(name: str, func: Any) -> Any:
@@ -444,19 +712,28 @@ def _guard_filter(name: str, func: Any) -> Any:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         budget = _budget()
         budget.step()
-        _check_args(budget, args[skip:], kwargs)
+        if len(args) >= skip and _is_lazy(args[skip - 1]):  # map(), select() …: build it under the limits
+            args = (*args[:skip - 1], _materialize(budget, args[skip - 1]), *args[skip:])
         value = args[skip - 1] if len(args) >= skip else None
         rest = args[skip:]
+        if name in _SIZING_FILTERS:
+            _check_args(budget, rest, kwargs)
+        if name in _TEXT_FILTERS:
+            _check_text(budget, value)
         if name == "join":
             _estimate_join(budget, value, rest[0] if rest else kwargs.get("d", ""))
         elif name == "replace" and len(rest) >= 2:
-            _estimate_replace(budget, value, rest[0], rest[1])
+            _estimate_replace(budget, value, rest[0], rest[1], rest[2] if len(rest) > 2 else kwargs.get("count"))
         elif name == "indent" and isinstance(value, str):
             width = rest[0] if rest else kwargs.get("width", 4)
             width = len(width) if isinstance(width, str) else int(width) if isinstance(width, int) else 4
             budget.check_size(len(value) + (value.count("\n") + 1) * width, "indented text")
         elif name == "format" and isinstance(value, str):
-            _check_format_string(budget, value)
+            _estimate_percent(budget, value, kwargs if kwargs else tuple(rest))
+        elif name == "wordwrap":
+            _estimate_wordwrap(budget, value, rest[0] if rest else kwargs.get("width", 79),
+                               rest[1] if len(rest) > 1 else kwargs.get("break_long_words", True),
+                               rest[2] if len(rest) > 2 else kwargs.get("wrapstring"))
         result = func(*args, **kwargs)
         _check_result(budget, result)
         return result
@@ -465,7 +742,8 @@ def _guard_filter(name: str, func: Any) -> Any:
 
 
 class _Guards(Extension):
-    """Hooks the compiled templates call: every loop iterates through `iterate`, every `~` goes through `concat`."""
+    """Hooks the compiled templates call: every loop iterates through `iterate`, every `~` goes through `concat`,
+    list, tuple and dict literals through `built`, and `*args` through `spread`."""
 
     def iterate(self, iterable: Any) -> Iterator[Any]:
         budget = _budget()
@@ -475,25 +753,67 @@ class _Guards(Extension):
 
     def concat(self, *parts: Any) -> str:
         budget = _budget()
-        strings = [str(p) for p in parts]
-        budget.check_size(sum(map(len, strings)), "joined text")
-        return "".join(strings)
+        limit = budget.limits.max_output_chars
+        total = 0
+        for part in parts:
+            total += _weight(budget, part, limit)
+            if total > limit:
+                break
+        budget.check_size(total, "joined text")
+        return "".join([str(p) for p in parts])
+
+    def built(self, value: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        _check_built(budget, value)
+        return value
+
+    def spread(self, value: Any) -> Any:
+        return _materialize(_budget(), value) if _is_lazy(value) else value
 
 
 _GUARDS_ID = _Guards.identifier
 
 
+def _guard_call(method: str, arg: nodes.Expr, lineno: int) -> nodes.Call:
+    return nodes.Call(nodes.ExtensionAttribute(_GUARDS_ID, method), [arg], [], None, None, lineno=lineno)
+
+
 class _Transformer(NodeTransformer):
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
-        node.iter = nodes.Call(nodes.ExtensionAttribute(_GUARDS_ID, "iterate"), [node.iter], [], None, None,
-                               lineno=node.lineno)
+        node.iter = _guard_call("iterate", node.iter, node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
         return nodes.Call(nodes.ExtensionAttribute(_GUARDS_ID, "concat"), list(node.nodes), [], None, None,
                           lineno=node.lineno)
+
+    def _literal(self, node: nodes.Expr, parts: Iterable[nodes.Node]) -> nodes.Node:
+        self.generic_visit(node)
+        if all(isinstance(p, nodes.Const) for p in parts):
+            return node  # constants only: bounded by the source
+        return _guard_call("built", node, node.lineno)
+
+    def visit_List(self, node: nodes.List) -> nodes.Node:
+        return self._literal(node, list(node.items))
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        if node.ctx != "load":
+            return node
+        return self._literal(node, list(node.items))
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Node:
+        return self._literal(node, [x for pair in node.items for x in (pair.key, pair.value)])
+
+    def _spread(self, node: nodes.Node) -> nodes.Node:
+        self.generic_visit(node)
+        if node.dyn_args is not None:  # type: ignore[attr-defined]
+            node.dyn_args = _guard_call("spread", node.dyn_args, node.lineno)  # type: ignore[attr-defined]
+        return node
+
+    visit_Call = visit_Filter = visit_Test = _spread
 
 
 def _capped_range(*args: Any) -> range:
@@ -513,10 +833,37 @@ def _dict(**kwargs: Any) -> dict[str, Any]:
     return dict(kwargs)
 
 
+def _finalize(value: Any) -> Any:
+    """Every `{{ … }}` value passes here before it becomes text: refuse one whose text would pass the limit."""
+    budget = _budget()
+    if not isinstance(value, str):
+        limit = budget.limits.max_output_chars
+        if _weight(budget, value, limit) > limit:
+            raise RenderLimitExceeded(f"the rendered prompt is longer than {limit:,} characters")
+    return value
+
+
+_STR_SIZING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+
 class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     """ImmutableSandboxedEnvironment with budgets: capped ranges, sizes, steps, time and call depth."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
+        """Joins the text of macros, blocks, `{% set %}…{% endset %}`, call and filter blocks: bounded."""
+        budget = _BUDGET.get()
+        if budget is None:
+            return "".join(parts)
+        limit = budget.limits.max_output_chars
+        pieces, total = [], 0
+        for piece in parts:
+            total += len(piece)
+            if total > limit:
+                raise RenderLimitExceeded(f"a block of text longer than {limit:,} characters exceeds the limit")
+            pieces.append(piece)
+        return "".join(pieces)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         budget = _budget()
@@ -524,11 +871,13 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
         ints = isinstance(left, int) and isinstance(right, int)
         max_bits = budget.limits.max_int_bits
         if operator == "*":
-            if isinstance(left, (str, list, tuple, bytes)) and isinstance(right, int):
-                budget.check_size(len(left) * max(right, 0), "repeated text")
-            elif isinstance(right, (str, list, tuple, bytes)) and isinstance(left, int):
-                budget.check_size(len(right) * max(left, 0), "repeated text")
-            elif ints and left.bit_length() + right.bit_length() > max_bits:
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple, bytes)) and isinstance(n, int) and not isinstance(n, bool):
+                    budget.check_size(len(seq) * max(n, 0), "repeated text")
+                    limit = budget.limits.max_value_chars
+                    if isinstance(seq, (list, tuple)) and n > 1 and _weight(budget, seq, limit) * n > limit:
+                        raise _too_big_value(limit)
+            if ints and left.bit_length() + right.bit_length() > max_bits:
                 raise RenderLimitExceeded("number too large")
         elif operator == "**":
             if ints and right > 0 and abs(left) > 1 and right * left.bit_length() > max_bits:
@@ -540,30 +889,42 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 budget.check_size(len(left) + len(right), "joined text")
         elif operator == "%" and isinstance(left, str):
-            _check_format_string(budget, left)
-            if _FMT_STAR.search(left):
-                _check_args(budget, right if isinstance(right, tuple) else (right,), {})
+            _estimate_percent(budget, left, right)
         try:
-            return super().call_binop(context, operator, left, right)
+            result = super().call_binop(context, operator, left, right)
         except OverflowError:
             raise RenderLimitExceeded("number too large") from None
+        if operator in ("+", "*") and isinstance(result, (list, tuple)):
+            _check_built(budget, result)
+        return result
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if getattr(__obj, "__self__", None) is _GUARDS:  # the hooks compiled in by _Transformer count themselves
+            return __obj(*args)
         budget = _budget()
         budget.step()
         if not isinstance(__obj, (Macro, LoopContext)):
             target = getattr(__obj, "__wrapped__", __obj)
             owner = getattr(target, "__self__", None)
-            if isinstance(owner, (str, bytes, list, tuple, dict)):
-                _check_args(budget, args, kwargs)
+            if isinstance(owner, (str, bytes, bytearray)):
                 method = getattr(target, "__name__", "")
-                if isinstance(owner, str):
-                    if method in ("format", "format_map"):
-                        _check_format_string(budget, owner)
-                    elif method == "join" and args:
-                        _estimate_join(budget, args[0], owner)
-                    elif method == "replace" and len(args) >= 2:
-                        _estimate_replace(budget, owner, args[0], args[1])
+                if method in _STR_SIZING_METHODS:
+                    _check_args(budget, args, kwargs)
+                if method == "join" and args:
+                    if _is_lazy(args[0]):
+                        args = (_materialize(budget, args[0]), *args[1:])
+                    _estimate_join(budget, args[0], owner)
+                elif method == "replace" and len(args) >= 2:
+                    _estimate_replace(budget, owner, args[0], args[1], args[2] if len(args) > 2 else -1)
+                elif method == "expandtabs":
+                    _estimate_expandtabs(budget, owner, args[0] if args else kwargs.get("tabsize", 8))
+                elif method == "translate" and args:
+                    _estimate_translate(budget, owner, args[0])
+                elif method in ("format", "format_map") and isinstance(owner, str):
+                    if method == "format":
+                        _estimate_brace(budget, owner, args, kwargs)
+                    elif args and isinstance(args[0], Mapping):
+                        _estimate_brace(budget, owner, (), args[0])
             result = super().call(__context, __obj, *args, **kwargs)
             _check_result(budget, result)
             return result
@@ -592,11 +953,12 @@ class _RefLoader(jinja2.BaseLoader):
 
 _ENV = _SandboxEnvironment(
     loader=_RefLoader(), undefined=_CollectingUndefined, autoescape=False, cache_size=0, auto_reload=False,
-    trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, extensions=[_Guards])
+    trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, extensions=[_Guards], finalize=_finalize)
 _ENV.globals.clear()
 _ENV.globals.update(range=_capped_range, dict=_dict, namespace=jinja2.utils.Namespace, cycler=jinja2.utils.Cycler,
                     joiner=jinja2.utils.Joiner)
 _ENV.filters = {name: _guard_filter(name, f) for name, f in _ENV.filters.items()}
+_GUARDS = _ENV.extensions[_GUARDS_ID]
 GLOBAL_NAMES = frozenset(_ENV.globals)
 
 
@@ -637,9 +999,37 @@ def _compile(source: str, name: str = "<prompt>") -> _Compiled:
     if len(source) > MAX_SOURCE_CHARS:
         raise _syntax_error(f"template source is longer than {MAX_SOURCE_CHARS:,} characters", None)
     try:
+        compiled = _build(source, name)
+    except TemplateSyntaxError:
+        raise
+    except (RecursionError, MemoryError):  # the parser and Python's compiler recurse on nesting
+        raise _syntax_error("the template is nested too deeply", None) from None
+    except SyntaxError as exc:  # Python's limits on nested blocks (e.g. 20 nested loops)
+        detail = str(exc.msg or exc)
+        if "nested" in detail or "indentation" in detail:
+            raise _syntax_error("the template is nested too deeply", None) from None
+        raise _syntax_error(f"the template cannot be compiled: {detail}", None) from None
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "integer string conversion" in detail:
+            detail = "a number in it is too long"
+        raise _syntax_error(f"the template cannot be compiled: {detail}", None) from None
+    with _cache_lock:
+        _cache[key] = compiled
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return compiled
+
+
+def _build(source: str, name: str) -> _Compiled:
+    """Parse, analyse and compile source (no caching); jinja2 syntax errors become TemplateSyntaxError."""
+    try:
         ast = _ENV.parse(source, name=name)
     except jinja2.TemplateSyntaxError as exc:
         raise _syntax_error(exc.message or "invalid template", exc.lineno) from None
+    for node in ast.find_all(nodes.Const):
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            raise _syntax_error("a number in the template is too large", node.lineno)
     includes: list[str] = []
     optional: set[str] = set()
     for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
@@ -679,13 +1069,8 @@ def _compile(source: str, name: str = "<prompt>") -> _Compiled:
     except jinja2.TemplateSyntaxError as exc:
         raise _syntax_error(exc.message or "invalid template", exc.lineno) from None
     template = _ENV.template_class.from_code(_ENV, code, _ENV.make_globals(None))
-    compiled = _Compiled(template, tuple(includes), frozenset(optional), frozenset(variables), frozenset(stored),
-                         frozenset(guarded))
-    with _cache_lock:
-        _cache[key] = compiled
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return compiled
+    return _Compiled(template, tuple(includes), frozenset(optional), frozenset(variables), frozenset(stored),
+                     frozenset(guarded))
 
 
 def _sources(kind: str, messages: Sequence[Mapping[str, str]] | None, text: str | None) -> list[tuple[str, str]]:
@@ -805,11 +1190,21 @@ def check_label(label: str) -> str:
     return label
 
 
+def _check_storable(text: str, what: str) -> None:
+    if "\x00" in text:
+        raise TemplateError(f"{what} contains a NUL character (\\x00), which cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TemplateError(f"{what} contains characters that are not valid Unicode (lone surrogates)") from None
+
+
 def normalize_content(content: Content) -> tuple[str, list[dict[str, str]] | None, str | None]:
     """(kind, messages, text) of a text prompt or a list of chat messages; raise TemplateError when malformed."""
     if isinstance(content, str):
         if not content.strip():
             raise TemplateError("the prompt is empty")
+        _check_storable(content, "the prompt")
         return "text", None, content
     if isinstance(content, Mapping) or not isinstance(content, Sequence):
         raise TemplateError("content must be a text prompt or a list of chat messages")
@@ -827,6 +1222,7 @@ def normalize_content(content: Content) -> tuple[str, list[dict[str, str]] | Non
             raise TemplateError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(text, str) or not text.strip():
             raise TemplateError(f"message {i} ({role}) is empty")
+        _check_storable(text, f"message {i} ({role})")
         messages.append({"role": role, "content": text})
     return "chat", messages, None
 
@@ -926,7 +1322,9 @@ def coerce_variables(schema: Mapping[str, Any] | None, variables: Mapping[str, A
     """Variables typed per the input schema: strings given for integer, number, boolean, array or object
     properties are parsed as JSON (values from forms and the command line arrive as text)."""
     result = dict(variables)
-    props = (schema or {}).get("properties") or {}
+    props = schema.get("properties") if isinstance(schema, Mapping) else None
+    if not isinstance(props, Mapping):
+        return result
     for key, value in variables.items():
         spec = props.get(key)
         if not isinstance(value, str) or not isinstance(spec, Mapping):
@@ -946,7 +1344,8 @@ def validate_variables(schema: Mapping[str, Any] | None, variables: Mapping[str,
     if not schema:
         return []
     validator_cls = jsonschema.validators.validator_for(schema)
-    errors = sorted(validator_cls(schema).iter_errors(dict(variables)), key=lambda e: (list(e.path), e.message))
+    errors = sorted(validator_cls(schema).iter_errors(dict(variables)),
+                    key=lambda e: ([str(p) for p in e.path], e.message))
     return [f"{'.'.join(map(str, e.path))}: {e.message}" if e.path else e.message for e in errors]
 
 
@@ -961,13 +1360,14 @@ def validate_output(template_version: TemplateVersion, output: str | Any) -> lis
         except json.JSONDecodeError as exc:
             return [f"output is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
     validator_cls = jsonschema.validators.validator_for(schema)
-    errors = sorted(validator_cls(schema).iter_errors(output), key=lambda e: (list(e.path), e.message))
+    errors = sorted(validator_cls(schema).iter_errors(output), key=lambda e: ([str(p) for p in e.path], e.message))
     return [f"{'.'.join(map(str, e.path))}: {e.message}" if e.path else e.message for e in errors]
 
 
 def _with_defaults(schema: Mapping[str, Any] | None, variables: Mapping[str, Any]) -> dict[str, Any]:
     result = dict(variables)
-    for key, spec in ((schema or {}).get("properties") or {}).items():
+    props = schema.get("properties") if isinstance(schema, Mapping) else None
+    for key, spec in (props.items() if isinstance(props, Mapping) else ()):
         if key not in result and isinstance(spec, Mapping) and "default" in spec:
             result[key] = spec["default"]
     return result
@@ -1005,7 +1405,14 @@ def _template_row(conn: psycopg.Connection, name: str, *, lock: bool = False) ->
     return row
 
 
+def _check_version(version: Any) -> int:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TemplateError(f"version must be a whole number, got {version!r}")
+    return version
+
+
 def _version_of(conn: psycopg.Connection, template_id: int, version: int, name: str) -> TemplateVersion:
+    _check_version(version)
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(f"SELECT {_VERSION_COLUMNS} FROM template_versions v JOIN templates t "
                           "ON t.id = v.template_id "
@@ -1281,7 +1688,18 @@ def _clean_tags(tags: Iterable[str] | str | None) -> list[str]:
         return []
     if isinstance(tags, str):
         tags = tags.split(",")
-    return list(dict.fromkeys(t.strip() for t in tags if t and t.strip()))
+    items = list(tags) if isinstance(tags, Iterable) and not isinstance(tags, Mapping) else None
+    if items is None or not all(isinstance(t, str) for t in items):
+        raise TemplateError("tags must be a list of text (or one comma-separated text)")
+    return list(dict.fromkeys(t.strip() for t in items if t and t.strip()))
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TemplateError(f"{what} must be text, got {type(value).__name__}")
+    return value
 
 
 def create_template(pool: DB, name: str, content: Content, *, description: str = "", category: str = "",
@@ -1298,7 +1716,8 @@ def create_template(pool: DB, name: str, content: Content, *, description: str =
                 template_id = conn.execute(
                     """INSERT INTO templates (name, description, category, tags, owner, latest_version)
                        VALUES (%s, %s, %s, %s, %s, 1) RETURNING id""",
-                    (name, description or "", (category or "").strip(), _clean_tags(tags), owner or created_by or ""),
+                    (name, _text(description, "description"), _text(category, "category").strip(),
+                     _clean_tags(tags), _text(owner, "owner") or _text(created_by, "created_by")),
                 ).fetchone()[0]
                 return _insert_version(conn, template_id, name, 1, prepared, created_by,
                                        change_description or "Created", git_commit=git_commit)
@@ -1416,8 +1835,11 @@ def list_templates(pool: DB, *, search: str = "", category: str | None = None, t
     """One page of templates matching the filters (search in name and description), with the total count."""
     if order not in ("updated", "name"):
         raise TemplateError("order must be 'updated' or 'name'")
-    limit = max(1, min(int(limit), 1000))
-    offset = max(0, int(offset))
+    try:
+        limit = max(1, min(int(limit), 1000))
+        offset = max(0, int(offset))
+    except (TypeError, ValueError):
+        raise TemplateError(f"limit and offset must be whole numbers, got {limit!r} and {offset!r}") from None
     conditions, args = [], []
     search = (search or "").strip()
     if search:
@@ -1566,8 +1988,10 @@ def update_metadata(pool: DB, name: str, *, description: str | None = None, cate
             """UPDATE templates SET description = COALESCE(%s, description), category = COALESCE(%s, category),
                    tags = COALESCE(%s, tags), owner = COALESCE(%s, owner), updated_at = clock_timestamp()
                WHERE name = %s RETURNING id""",
-            (description, category.strip() if category is not None else None,
-             _clean_tags(tags) if tags is not None else None, owner, name)).fetchone()
+            (None if description is None else _text(description, "description"),
+             None if category is None else _text(category, "category").strip(),
+             _clean_tags(tags) if tags is not None else None, None if owner is None else _text(owner, "owner"),
+             name)).fetchone()
         if row is None:
             raise TemplateNotFound(f"no template named {name!r}")
         return get_template(conn, name)
@@ -1729,10 +2153,25 @@ def format_for_path(path: str | Path) -> str:
     return "json" if str(path).lower().endswith(".json") else "yaml"
 
 
+def write_export(path: str | Path, text: str) -> None:
+    """Write export text to path whole or not at all (a temporary file renamed over it); TemplateError on failure."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    except OSError as exc:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise TemplateError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def export_to_file(pool: DB, path: str | Path, names: Iterable[str] | None = None, fmt: str | None = None) -> int:
     """Write an export file (format from the extension unless given); return the number of templates."""
     data = export_templates(pool, names)
-    Path(path).write_text(dump_export(data, fmt or format_for_path(path)), encoding="utf-8")
+    write_export(path, dump_export(data, fmt or format_for_path(path)))
     return len(data["templates"])
 
 
@@ -1784,57 +2223,71 @@ def import_templates(pool: DB, data: Mapping[str, Any], *, imported_by: str = ""
     extended: dict[str, int] = {}
     diverged: dict[str, int] = {}
     labels_moved = 0
-    items = data.get("templates") or []
-    with _connection(pool) as conn, conn.transaction():
-        for item in items:
-            if not isinstance(item, Mapping) or "name" not in item:
-                raise TemplateError("every template in the file needs a name")
-            name = check_name(item["name"])
-            versions = _imported_versions(item)
-            exists = conn.execute("SELECT id FROM templates WHERE name = %s FOR UPDATE", (name,)).fetchone()
-            if exists is None:
-                _import_new(conn, item, versions)
-                created.append(name)
-                continue
-            tmpl = _template_row(conn, name, lock=True)
-            have = dict(conn.execute("SELECT version, content_sha256 FROM template_versions WHERE template_id = %s",
-                                     (tmpl["id"],)).fetchall())
-            prefix = all(have.get(v["version"]) == p.sha256 for v, p in versions[:len(have)]) and \
-                len(versions) >= len(have)
-            if prefix:
-                added = 0
-                for v, p in versions[len(have):]:
-                    _insert_version(conn, tmpl["id"], name, v["version"], p, v.get("created_by") or "",
-                                    v.get("change_description") or "", v.get("rollback_of"), v.get("git_commit"),
-                                    _ts(v.get("created_at"), f"{name} version {v['version']}")
-                                    if v.get("created_at") else None)
-                    added += 1
-                if added:
-                    conn.execute("UPDATE templates SET latest_version = %s, updated_at = clock_timestamp() "
-                                 "WHERE id = %s", (len(versions), tmpl["id"]))
-                    extended[name] = added
-                for label, spec in (item.get("labels") or {}).items():
-                    target = spec["version"] if isinstance(spec, Mapping) else spec
-                    if set_label(conn, name, label, int(target), moved_by=imported_by or "import"):
-                        labels_moved += 1
-                if not added:
-                    unchanged.append(name)
-            else:
-                known = set(have.values())
-                appended = 0
-                for v, p in versions:
-                    if p.sha256 in known:
-                        continue
-                    tmpl = _template_row(conn, name, lock=True)
-                    desc = (v.get("change_description") or "").strip()
-                    _new_version(conn, tmpl, p, v.get("created_by") or imported_by or "",
-                                 f"{desc + ' ' if desc else ''}(imported: was version {v['version']})")
-                    known.add(p.sha256)
-                    appended += 1
-                if appended:
-                    diverged[name] = appended
+    items = data.get("templates") if isinstance(data, Mapping) else None
+    if not isinstance(items, list):
+        raise TemplateError("export data has no 'templates' list")
+    current = "?"
+    try:
+        with _connection(pool) as conn, conn.transaction():
+            for item in items:
+                if not isinstance(item, Mapping) or "name" not in item:
+                    raise TemplateError("every template in the file needs a name")
+                name = check_name(item["name"])
+                current = name
+                versions = _imported_versions(item)
+                exists = conn.execute("SELECT id FROM templates WHERE name = %s FOR UPDATE", (name,)).fetchone()
+                if exists is None:
+                    _import_new(conn, item, versions)
+                    created.append(name)
+                    continue
+                tmpl = _template_row(conn, name, lock=True)
+                have = dict(conn.execute(
+                    "SELECT version, content_sha256 FROM template_versions WHERE template_id = %s",
+                    (tmpl["id"],)).fetchall())
+                prefix = all(have.get(v["version"]) == p.sha256 for v, p in versions[:len(have)]) and \
+                    len(versions) >= len(have)
+                if prefix:
+                    added = 0
+                    for v, p in versions[len(have):]:
+                        _insert_version(conn, tmpl["id"], name, v["version"], p, v.get("created_by") or "",
+                                        v.get("change_description") or "", v.get("rollback_of"), v.get("git_commit"),
+                                        _ts(v.get("created_at"), f"{name} version {v['version']}")
+                                        if v.get("created_at") else None)
+                        added += 1
+                    if added:
+                        conn.execute("UPDATE templates SET latest_version = %s, updated_at = clock_timestamp() "
+                                     "WHERE id = %s", (len(versions), tmpl["id"]))
+                        extended[name] = added
+                    for label, spec in (item.get("labels") or {}).items():
+                        target = spec["version"] if isinstance(spec, Mapping) else spec
+                        if set_label(conn, name, label, int(target), moved_by=imported_by or "import"):
+                            labels_moved += 1
+                    if not added:
+                        unchanged.append(name)
                 else:
-                    unchanged.append(name)
+                    known = set(have.values())
+                    appended = 0
+                    for v, p in versions:
+                        if p.sha256 in known:
+                            continue
+                        tmpl = _template_row(conn, name, lock=True)
+                        desc = (v.get("change_description") or "").strip()
+                        _new_version(conn, tmpl, p, v.get("created_by") or imported_by or "",
+                                     f"{desc + ' ' if desc else ''}(imported: was version {v['version']})")
+                        known.add(p.sha256)
+                        appended += 1
+                    if appended:
+                        diverged[name] = appended
+                    else:
+                        unchanged.append(name)
+    except TemplateError as exc:
+        if current != "?" and not str(exc).startswith(current):
+            exc.args = (f"{current}: {exc}",)
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:  # a malformed file
+        what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else \
+            (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TemplateError(f"{current}: malformed export data: {what}") from None
     return ImportReport(created, extended, unchanged, diverged, labels_moved)
 
 
@@ -1847,8 +2300,9 @@ def _import_new(conn: psycopg.Connection, item: Mapping[str, Any],
     template_id = conn.execute(
         """INSERT INTO templates (name, description, category, tags, owner, active, latest_version, created_at,
                updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-        (name, item.get("description") or "", item.get("category") or "", _clean_tags(item.get("tags")),
-         item.get("owner") or "", bool(item.get("active", True)), len(versions), created_at, updated_at),
+        (name, _text(item.get("description"), "description"), _text(item.get("category"), "category"),
+         _clean_tags(item.get("tags")), _text(item.get("owner"), "owner"), bool(item.get("active", True)),
+         len(versions), created_at, updated_at),
     ).fetchone()[0]
     ids = {}
     for v, p in versions:
@@ -1900,8 +2354,10 @@ def register_code_prompts(pool: DB, prompts: Mapping[str, Any], *, created_by: s
         caller_path = sys._getframe(1).f_code.co_filename
     commit = git_commit or git_commit_of(caller_path)
     where = Path(caller_path).name
-    results: dict[str, tuple[TemplateVersion, bool]] = {}
-    for name, spec in prompts.items():
+    if not isinstance(prompts, Mapping):
+        raise TemplateError("prompts must be a mapping of template names to contents")
+    prepared: dict[str, tuple[Mapping[str, Any], _Prepared]] = {}
+    for name, spec in prompts.items():  # everything is checked before anything is written
         check_name(name)
         if isinstance(spec, Mapping):
             unknown = set(spec) - {"content", "params", "input_schema", "output_schema", "description", "tags"}
@@ -1910,19 +2366,28 @@ def register_code_prompts(pool: DB, prompts: Mapping[str, Any], *, created_by: s
             content = spec.get("content")
         else:
             spec, content = {}, spec
-        prepared = _prepare(content, spec.get("params"), spec.get("input_schema"), spec.get("output_schema"),
-                            f"{name}@new")
-        change = f"Registered from code ({where}{' @ ' + commit[:12] if commit else ''})"
-        with _connection(pool) as conn, conn.transaction():
+        try:
+            prepared[name] = (spec, _prepare(content, spec.get("params"), spec.get("input_schema"),
+                                             spec.get("output_schema"), f"{name}@new"))
+        except TemplateError as exc:
+            exc.args = (f"{name}: {exc}",)
+            raise
+    change = f"Registered from code ({where}{' @ ' + commit[:12] if commit else ''})"
+    results: dict[str, tuple[TemplateVersion, bool]] = {}
+    with _connection(pool) as conn, conn.transaction():  # all or nothing; names in order, so no deadlock
+        for name in sorted(prepared):
+            spec, p = prepared[name]
             row = conn.execute(
                 """INSERT INTO templates (name, description, category, tags, owner, latest_version)
                    VALUES (%s, %s, %s, %s, %s, 1) ON CONFLICT (name) DO NOTHING RETURNING id""",
                 (name, spec.get("description") or "", category or "", _clean_tags(spec.get("tags")),
                  created_by or "")).fetchone()
             if row is not None:
-                results[name] = (_insert_version(conn, row[0], name, 1, prepared, created_by, change,
-                                                 git_commit=commit), True)
+                results[name] = (_insert_version(conn, row[0], name, 1, p, created_by, change, git_commit=commit),
+                                 True)
             else:
                 tmpl = _template_row(conn, name, lock=True)
-                results[name] = _new_version(conn, tmpl, prepared, created_by, change, git_commit=commit)
-    return results
+                results[name] = _new_version(conn, tmpl, p, created_by, change, git_commit=commit)
+        for name in sorted(prepared):  # includes may point at prompts registered together
+            _check_includes(conn, name, prepared[name][1])
+    return {name: results[name] for name in prompts}

@@ -6,14 +6,13 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from core import templates as tpl
-from core.config import PROJECT_ROOT
+from tests.conftest import APP_PATH
 
 PAGE = "pages/templates.py"
-APP = str(PROJECT_ROOT / "app.py")
 
 
 def open_page(**state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP_PATH, default_timeout=60)
     for key, value in state.items():
         at.session_state[key] = value
     at.switch_page(PAGE)
@@ -245,3 +244,69 @@ def test_editor_live_preview_and_custom_label_and_export(app_env, pool):
     at.button(key="templates.export.prepare").click().run()
     assert not at.exception
     assert at.session_state["templates.export_text"][1].startswith("format: promptdev-templates")
+
+
+def test_diff_between_any_two_versions_in_both_styles(app_env, pool):
+    tpl.create_template(pool, "d", "alpha\nbeta")
+    tpl.update_template(pool, "d", "alpha\nBETA")
+    tpl.update_template(pool, "d", "alpha\nBETA\ngamma", params={"temperature": 0.5})
+    at = open_page(**{"templates.open": "d"})
+    at.selectbox(key="templates.diff.d.from").set_value(1)
+    at.selectbox(key="templates.diff.d.to").set_value(3).run()
+    assert not at.exception
+    unified = next(c.value for c in at.code if c.language == "diff")
+    assert unified.splitlines()[:2] == ["--- d@1", "+++ d@3"]
+    assert "-beta" in unified and "+BETA" in unified and "+gamma" in unified and '+  "temperature": 0.5' in unified
+    at.radio(key="templates.diff.d.style").set_value("Side by side").run()
+    side = table_with(at, "v3")
+    rows = list(zip(side["v1"], side[" "], side["v3"]))
+    assert ("alpha", "", "alpha") in rows and ("beta", "≠", "BETA") in rows and ("", "+", "gamma") in rows
+    at.selectbox(key="templates.diff.d.from").set_value(3).run()  # a version against itself
+    assert "Versions 3 and 3 are identical." in texts(at.info)
+
+
+def test_source_too_deep_for_the_parser_is_one_line_while_typing_and_at_save(app_env, pool):
+    at = open_page()
+    at.radio(key="templates.mode").set_value("New template").run()
+    at.text_input(key="templates.new.name").input("deep")
+    at.text_area(key="templates.new.text").input("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}").run()
+    assert not at.exception
+    assert "syntax error: the template is nested too deeply" in texts(at.error)
+    at.button(key="templates.new.create").click().run()
+    assert not at.exception and "syntax error: the template is nested too deeply" in texts(at.error)
+    assert tpl.list_templates(pool).total == 0
+
+
+def test_preview_errors_are_one_line(app_env, pool):
+    at = open_page()
+    at.radio(key="templates.mode").set_value("New template").run()
+    at.text_area(key="templates.new.text").input("{{ text | wordwrap(1) }}").run()
+    at.text_area(key="templates.new.preview.var.text").input("a" * 300_000).run()
+    assert not at.exception
+    assert any(e.startswith("line 1: wordwrap: breaking words this long") for e in texts(at.error))
+    at.text_area(key="templates.new.input_schema").input("[1, 2]").run()  # JSON, but not a schema
+    assert not at.exception
+    assert "the input schema must be a JSON object" in texts(at.error)
+
+
+def test_label_moves_show_who_when_from_and_to(app_env, pool):
+    tpl.create_template(pool, "lm", "one")
+    tpl.update_template(pool, "lm", "two")
+    at = open_page(**{"templates.open": "lm", "promptdev.user": "ann"})
+    at.selectbox(key="templates.labels.lm.label").set_value("production")
+    at.selectbox(key="templates.labels.lm.version").set_value(1)
+    at.button(key="templates.labels.lm.move").click().run()
+    at.session_state["promptdev.user"] = "bob"
+    at.selectbox(key="templates.labels.lm.version").set_value(2)
+    at.button(key="templates.labels.lm.move").click().run()
+    assert not at.exception and "production → version 2" in texts(at.success)
+    moves = table_with(at, "By")
+    assert [(r["Label"], r["From"], r["To"], r["By"]) for _, r in moves.iterrows()] == [
+        ("production", "v1", "v2", "bob"), ("production", "—", "v1", "ann")]
+    events = tpl.get_label_history(pool, "lm")
+    assert list(moves["When"]) == [e.moved_at.strftime("%Y-%m-%d %H:%M:%S") for e in events]
+    assert any(":blue-badge[production → v2]" in m.value for m in at.markdown)  # the header shows where it is now
+    at.button(key="templates.labels.lm.remove").click().run()
+    assert "Removed label production" in texts(at.success)
+    assert table_with(at, "By").iloc[0].to_dict() | {"When": ""} == {"When": "", "Label": "production",
+                                                                        "From": "v2", "To": "removed", "By": "bob"}

@@ -543,3 +543,68 @@ def test_concurrent_registration_creates_one_template(pool, database_url):
         assert p.exitcode == 0
     assert created == [False, False, True]
     assert [v.version for v in tpl.get_version_history(pool, "race")] == [1]
+
+
+# -- found in review ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a\x00b {{ x }}", r"the prompt contains a NUL character"),
+    ([{"role": "user", "content": "ok \ud800"}], r"message 1 \(user\) contains characters that are not valid Unicode"),
+])
+def test_content_postgres_cannot_store_is_refused_clearly(pool, content, message):
+    with pytest.raises(tpl.TemplateError, match=message):
+        tpl.create_template(pool, "t", content)
+    with pytest.raises(tpl.TemplateNotFound):
+        tpl.get_template(pool, "t")
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda t: t.update(tags=5), "alpha: tags must be a list of text"),
+    (lambda t: t.update(description=["x"]), "alpha: description must be text"),
+    (lambda t: t["versions"][0].pop("version"), "versions must be numbered"),
+    (lambda t: t.update(labels={"production": {"moved_by": "x"}}), "alpha: label 'production' points at unknown"),
+    (lambda t: t.update(labels={"production": {"version": "two"}}), "alpha: label 'production' points at unknown"),
+    (lambda t: t.update(labels={"production": "two"}), "alpha: label 'production' points at unknown"),
+    (lambda t: t.update(label_history=[{"from_version": 1}]), "alpha: malformed export data: missing 'label'"),
+    (lambda t: t.update(versions="nope"), "alpha"),
+])
+def test_import_of_malformed_data_is_one_clear_error_and_writes_nothing(pool, other_pool, mangle, message):
+    tpl.create_template(pool, "alpha", "A {{ x }}")
+    tpl.set_label(pool, "alpha", "production", 1)
+    tpl.create_template(pool, "zeta", "Z")
+    data = tpl.export_templates(pool)
+    mangle(data["templates"][0])
+    with pytest.raises(tpl.TemplateError, match=message):
+        tpl.import_templates(other_pool, data)
+    assert tpl.list_templates(other_pool).total == 0  # not even the good template
+    with pytest.raises(tpl.TemplateError, match="no 'templates' list"):
+        tpl.import_templates(other_pool, {"templates": 5})
+
+
+def test_register_code_prompts_is_all_or_nothing(pool):
+    with pytest.raises(tpl.TemplateSyntaxError, match=r"^broken: syntax error at line 1"):
+        tpl.register_code_prompts(pool, {"fine": "ok {{ x }}", "broken": "{{ oops"})
+    with pytest.raises(tpl.IncludeError, match="include 'ghost'"):
+        tpl.register_code_prompts(pool, {"fine": "ok {{ x }}", "uses-ghost": "{% include 'ghost' %}"})
+    assert tpl.list_templates(pool).total == 0
+    # prompts registered together may include one another
+    result = tpl.register_code_prompts(pool, {"a-main": "Main: {% include 'z-part' %}", "z-part": "part {{ x }}"})
+    assert list(result) == ["a-main", "z-part"] and all(created for _, created in result.values())
+    assert tpl.render_template_by_name(pool, "a-main", {"x": 1}).prompt == "Main: part 1"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: tpl.rollback_to_version(p, "t", "1"), "version must be a whole number, got '1'"),
+    (lambda p: tpl.set_label(p, "t", "production", True), "version must be a whole number, got True"),
+    (lambda p: tpl.diff_versions(p, "t", 1, 2.0), "version must be a whole number, got 2.0"),
+    (lambda p: tpl.list_templates(p, limit="many"), "limit and offset must be whole numbers"),
+    (lambda p: tpl.create_template(p, "u", "x", tags=5), "tags must be a list of text"),
+    (lambda p: tpl.create_template(p, "u", "x", category=3), "category must be text"),
+    (lambda p: tpl.update_metadata(p, "t", owner=["me"]), "owner must be text"),
+])
+def test_api_misuse_is_a_typed_one_line_error(pool, call, message):
+    tpl.create_template(pool, "t", "one")
+    with pytest.raises(tpl.TemplateError, match=message):
+        call(pool)
+    assert [t.name for t in tpl.list_templates(pool).items] == ["t"]

@@ -150,6 +150,11 @@ def test_export_import_round_trip(cli, pool, tmp_path):
     (("templates", "diff", "ghost", "1", "2"), "no template named 'ghost'"),
     (("templates", "rollback", "ghost", "1"), "no template named 'ghost'"),
     (("templates", "import", "/nonexistent.yaml"), "cannot read"),
+    (("templates", "export", "/nonexistent/dir/all.yaml"), "cannot write /nonexistent/dir/all.yaml"),
+    (("templates", "rollback", "ghost", "1", "--change", "x"), "no template named 'ghost'"),
+    (("templates", "activate", "ghost"), "no template named 'ghost'"),
+    (("templates", "duplicate", "ghost", "copy"), "no template named 'ghost'"),
+    (("templates", "history", "ghost"), "no template named 'ghost'"),
     (("render", "ghost"), "no template named 'ghost'"),
     (("render", "x", "novalue"), "expected key=value"),
 ])
@@ -186,3 +191,61 @@ def test_console_script_exit_codes(app_env):
     bad = subprocess.run([str(script), "render", "sub"], capture_output=True, text=True, env=env,
                          cwd=PROJECT_ROOT, timeout=120)
     assert bad.returncode == 1 and bad.stderr == "promptdev: missing variable: x\n"
+
+
+def test_the_issue_examples_verbatim(cli, pool, monkeypatch):
+    monkeypatch.setattr("core.cli_templates._whoami", lambda: "login-name")
+    assert cli("templates", "create", "chatbot", "You are {{role}}. Help with {{topic}}.", "--created-by",
+               "admin")[0] == 0
+    code, out, err = cli("templates", "update", "chatbot", "You are {{role}}. Help with {{topic}}, briefly.",
+                         "--change", "why")
+    assert (code, out, err) == (0, "created chatbot version 2\n", "")
+    tv = tpl.get_template_by_name(pool, "chatbot")
+    assert (tv.created_by, tv.change_description) == ("login-name", "why")  # the login when not given
+    code, out, _ = cli("templates", "diff", "chatbot", "1", "2")
+    assert code == 0 and out.splitlines()[:2] == ["--- chatbot@1", "+++ chatbot@2"]
+    code, out, _ = cli("templates", "rollback", "chatbot", "1")
+    assert out == "created chatbot version 3: rollback to version 1\n"
+    code, out, _ = cli("templates", "label", "chatbot", "production", "2")
+    assert out == "production -> chatbot version 2\n"
+    code, out, _ = cli("templates", "label", "chatbot")
+    assert "production: 2" in out and "production: - -> 2  by login-name" in out
+    code, out, _ = cli("render", "chatbot", "role=a tutor", "topic=maths")
+    assert (code, out) == (0, "You are a tutor. Help with maths, briefly.\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("templates", "diff", "chatbot", "one", "2"), "templates diff: argument a: invalid int value: 'one'"),
+    (("templates",), "templates: the following arguments are required: ACTION"),
+    (("templates", "frobnicate"), "templates: argument ACTION: invalid choice: 'frobnicate'"),
+    (("templates", "get", "chatbot", "--bogus"), "templates get: unrecognized arguments: --bogus"),
+    (("templates", "rollback", "chatbot"), "templates rollback: the following arguments are required: version"),
+    (("render",), "render: the following arguments are required: name"),
+    (("render", "chatbot", "a=1", "--nope"), "render: unrecognized arguments: --nope"),
+])
+def test_usage_errors_are_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err.startswith(f"promptdev: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("templates", "create", "deep", "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"), "nested too deeply"),
+    (("templates", "create", "nul", "a\x01b {{ x }}\x00"), "NUL character"),
+])
+def test_content_errors_are_one_line(cli, args, message):
+    code, out, err = cli(*args)
+    assert code == 1 and out == "" and err.startswith("promptdev: ") and message in err and err.count("\n") == 1
+
+
+def test_malformed_import_file_is_one_line_and_writes_nothing(cli, pool, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"format": "promptdev-templates", "format_version": 1, "templates": [
+        {"name": "fine", "versions": [{"version": 1, "kind": "text", "text": "ok"}]},
+        {"name": "bad", "tags": 7, "versions": [{"version": 1, "kind": "text", "text": "ok"}]}]}))
+    code, out, err = cli("templates", "import", str(path))
+    assert code == 1 and out == "" and err.startswith("promptdev: bad: tags must be a list of text") and \
+        err.count("\n") == 1
+    assert tpl.list_templates(pool).total == 0

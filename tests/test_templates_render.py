@@ -377,3 +377,183 @@ def test_render_throughput_is_reasonable():
     for _ in range(500):
         render_string(source, variables)
     assert (time.perf_counter() - started) / 500 < 0.01
+
+
+# -- memory and CPU bombs found in review: each runs in a forked child with a memory cap, so a regression fails
+# -- the test instead of exhausting the machine --------------------------------------------------------------------
+
+
+def _render_in_child(source: str, variables: dict, conn) -> None:
+    import os
+    import resource
+
+    mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = mapped + 1_500_000_000  # 1.5 GB more than the (forked) test process already maps
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    started = time.monotonic()
+    try:
+        out = render_string(source, variables)
+        conn.send(("ok", f"{len(out)} characters", time.monotonic() - started))
+    except tpl.TemplateError as exc:
+        conn.send((type(exc).__name__, str(exc), time.monotonic() - started))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send((type(exc).__name__, str(exc)[:200], time.monotonic() - started))
+
+
+def render_isolated(source: str, variables: dict | None = None, timeout: float = 30) -> tuple[str, str, float]:
+    """(exception class name or 'ok', message, seconds) of rendering source in a memory-capped child process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_render_in_child, args=(source, variables or {}, child))
+    proc.start()
+    try:
+        if not parent.poll(timeout):
+            return "hang", f"no answer in {timeout} s", timeout
+        return parent.recv()
+    finally:
+        proc.kill()
+        proc.join()
+
+
+S = "{% set s = 'x' * 1000000 %}"
+DAG = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}"
+DDAG = "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = {'a': ns.d, 'b': ns.d} %}{% endfor %}"
+
+
+@pytest.mark.parametrize("source, message", [
+    # textwrap breaks a long word in quadratic time: this one used to run for minutes
+    ("{{ ('a' * 999999) | wordwrap(1) }}", "wordwrap"),
+    ("{{ ('a' * 500000) | wordwrap(1, wrapstring='xxxxxxxxxxxxxxxxxxxx') }}", "wordwrap"),
+    ("{{ ('a\xa0' * 200000) | wordwrap(1) }}", "wordwrap"),  # textwrap does not split on non-ASCII spaces
+    # a short list of long strings, turned into text (used to allocate gigabytes)
+    (S + "{{ [s] * 1000 }}", "list or mapping"),
+    (S + "{{ [s, s, s, s, s, s, s, s, s, s, s] | string | length }}", "list or mapping"),
+    (S + "{% set l = [s, s, s] %}{{ l | string | length }}", "text of a value would be longer"),
+    (S + "{% set l = [s, s, s] %}{{ l | tojson | length }}", "text of a value would be longer"),
+    (S + "{% set l = [s, s, s] %}{{ l | pprint | length }}", "text of a value would be longer"),
+    (S + "{% set l = [s, s, s] %}{{ (l ~ '') | length }}", "joined text"),
+    (S + "{% set l = [s, s, s] %}{{ [l, l] | join | length }}", "joined text"),
+    (S + "{% set l = [s, s, s] %}{{ l }}", "rendered prompt is longer"),
+    # one argument used by many fields of a format string
+    (S + "{{ ('%(a)s' * 1000) % {'a': s} }}", "formatted text"),
+    (S + "{{ ('{0}' * 1000).format(s) | length }}", "formatted text"),
+    (S + "{{ ('{a}' * 1000).format_map({'a': s}) | length }}", "formatted text"),
+    (S + "{{ ('%(a)s' * 1000) | format(a=s) | length }}", "formatted text"),
+    ("{{ ('%999999s' * 1000) | format(*range(1000)) | length }}", "formatted text"),
+    ("{{ ('{:>{w}}' * 1000).format(*range(1000), w=999999) | length }}", "formatted text"),
+    # other multiplying string methods
+    ("{% set s = 'x' * 100000 %}{{ ('a' * 100000).translate({97: s}) | length }}", "translated text"),
+    ("{% set s = 'x' * 100000 %}{{ ('a' * 100000).translate(''.maketrans({'a': s})) | length }}", "translated text"),
+    ("{{ ('\t' * 8000).expandtabs(999999) | length }}", "expanded text"),
+    ("{% set b = ('a' * 100000).encode() %}{{ b.replace('a'.encode(), b) | length }}", "replaced text"),
+    # shared sub-lists nested 40 deep: 2**40 items as text, in comparisons, hashing, JSON (used to hang)
+    (DAG + "{{ ns.l | string | length }}", "list or mapping"),
+    (DAG + "{{ ns.l == ns.l[0] }}", "list or mapping"),
+    (DAG + "{{ ns.l | tojson | length }}", "list or mapping"),
+    (DDAG + "{{ ns.d | xmlattr | length }}", "list or mapping"),
+    ("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = dict(a=ns.l, b=ns.l) %}{% endfor %}",
+     "list or mapping"),
+    ("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = [ns.l] * 2 %}{% endfor %}",
+     "list or mapping"),
+    ("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = [0, 0] | map('default', ns.l, true)"
+     " | list %}{% endfor %}", "list or mapping"),
+    ("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = {}.fromkeys([1, 2], ns.l) %}"
+     "{% endfor %}", "list or mapping"),
+    # text buffered by macros, blocks and {% set %} blocks (never went through the output limit)
+    (S + "{% macro m() %}{% for i in range(100000) %}{{ s }}{% endfor %}{% endmacro %}{{ m() | length }}",
+     "block of text"),
+    ("{% macro m() %}{% for i in range(100000) %}" + "y" * 10000 + "{% endfor %}{% endmacro %}{{ m() | length }}",
+     "block of text"),
+    ("{% set ns = namespace(s='a' * 500000) %}{% for i in range(30) %}{% set t %}{{ ns.s }}{{ ns.s }}{% endset %}"
+     "{% set ns.s = t %}{% endfor %}", "block of text"),
+    ("{% if false %}{% block b %}{% for i in range(100000) %}" + "y" * 10000 + "{% endfor %}{% endblock %}"
+     "{% endif %}{{ self.b() | length }}", "block of text"),
+    # lazy sequences (map, select, batch …) materialised by a filter or by *args
+    ("{{ range(100000) | map('center', 999999) | join | length }}", "list or mapping"),
+    ("{{ range(100000) | map('center', 999999) | list | length }}", "list or mapping"),
+    ("{{ ', '.join(range(100000) | map('center', 999999)) | length }}", "list or mapping"),
+    ("{{ cycler(*(range(100000) | map('center', 999999))) }}", "list or mapping"),
+    ("{{ ('a' * 2) | slice(999999, 'x' * 999999) | list | length }}", "list or mapping"),
+])
+def test_memory_and_cpu_bombs_are_cut_off(source, message):
+    kind, text, seconds = render_isolated(source)
+    assert kind == "RenderLimitExceeded", (kind, text)
+    assert message in text and seconds < 10, (text, seconds)
+
+
+def test_a_cyclic_namespace_renders_without_hanging():
+    assert render_string("{% set ns = namespace(n=1) %}{% set ns.me = ns %}{{ ns.n }}") == "1"
+    assert "Namespace" in render_string("{% set ns = namespace(n=1) %}{% set ns.me = ns %}{{ ns }}")
+
+
+def test_large_but_legal_values_still_render():
+    body = "lorem ipsum " * 75_000  # 900,000 characters
+    assert len(render_string("{{ '{}: {}'.format(title, body) }}", {"title": "T", "body": body})) == 900_003
+    assert len(render_string("{{ '%s: %s' % (title, body) }}", {"title": "T", "body": body})) == 900_003
+    assert len(render_string("{{ items | join(',') }}", {"items": list(range(100_000))})) == 588_889
+    assert render_string("{{ '{:,}'.format(n) }} {{ '%d tokens' | format(n) }} {{ x | default(5000000) }}",
+                         {"n": 12_000_000}) == "12,000,000 12000000 tokens 5000000"
+    assert render_string("{{ ('a' * 1000) | wordwrap(10) | length }}") == "1099"
+    started = time.monotonic()  # the check of wordwrap's work is itself linear (a regex here once took minutes)
+    assert render_string("{{ s | wordwrap(450000) | length }}", {"s": "a" * 400_000 + " " + "a" * 400_000}) \
+        == "800001"
+    assert time.monotonic() - started < 3
+    assert render_string("{{ docs | selectattr('keep') | map(attribute='t') | join('+') }}",
+                         {"docs": [{"t": "a", "keep": True}, {"t": "b", "keep": False}, {"t": "c", "keep": 1}]}) \
+        == "a+c"
+    assert render_string("{% macro m() %}[{{ caller() }}]{% endmacro %}{% call m() %}x{% endcall %}") == "[x]"
+    assert render_string("{{ (a, b) | join('-') }} {{ dict(k=[a]) }}", {"a": 1, "b": 2}) == "1-2 {'k': [1]}"
+
+
+# -- sources the parser or Python's compiler cannot take: one clear syntax error, never a crash ------------------
+
+
+@pytest.mark.parametrize("source, detail", [
+    ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "nested too deeply"),
+    ("{{ " + "[" * 3000 + "1" + "]" * 3000 + " }}", "nested too deeply"),
+    ("{% if a %}" * 2000 + "x" + "{% endif %}" * 2000, "nested too deeply"),
+    ("{% for a in b %}" * 30 + "x" + "{% endfor %}" * 30, "nested too deeply"),
+    ("{{ a" + " | upper" * 5000 + " }}", "nested too deeply"),
+    ("{{ " + "not " * 5000 + "a }}", "nested too deeply"),
+    ("{% macro m() %}" * 300 + "{% endmacro %}" * 300, "nested too deeply"),
+    ("{{ " + "9" * 100000 + " }}", "a number in it is too long"),
+    ("{{ 1e999999 }}", "a number in the template is too large"),
+])
+def test_sources_too_deep_or_too_big_are_syntax_errors(source, detail):
+    with pytest.raises(tpl.TemplateSyntaxError, match=detail):
+        tpl.extract_variables(source)
+    analysis = tpl.analyze(source)
+    assert analysis.error.startswith("syntax error") and detail in analysis.error
+    with pytest.raises(tpl.TemplateSyntaxError, match=detail):
+        render_string(source, {"a": 1, "b": []})
+
+
+def test_too_deep_source_is_refused_at_save(pool):
+    with pytest.raises(tpl.TemplateSyntaxError, match=r"in message 2 \(user\): the template is nested too deeply"):
+        tpl.create_template(pool, "deep", [{"role": "system", "content": "ok"},
+                                           {"role": "user", "content": "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"}])
+    with pytest.raises(tpl.TemplateNotFound):
+        tpl.get_template(pool, "deep")
+
+
+def test_coerce_variables_ignores_a_schema_that_is_not_an_object():
+    assert tpl.coerce_variables([1, 2], {"a": "1"}) == {"a": "1"}  # type: ignore[arg-type]
+    assert tpl.coerce_variables({"properties": [1]}, {"a": "1"}) == {"a": "1"}
+    with pytest.raises(tpl.TemplateError, match="input schema must be a JSON object"):
+        tpl.render_content(None, "{{ a }}", {"a": 1}, input_schema=[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ('%(' * 500000) % {} }}",  # each unclosed key used to be scanned to the end: hours
+    "{{ ('%(' * 500000) | format(a=1) }}",
+    "{{ ('{' ~ ':' * 999990).format() }}",
+    "{{ ('%.' * 500000) % () }}",
+])
+def test_format_strings_are_checked_in_linear_time(source):
+    kind, text, seconds = render_isolated(source)
+    assert kind == "RenderError" and seconds < 5, (kind, text, seconds)
+    assert text.startswith("line 1: ") and "format" in text
