@@ -1,0 +1,288 @@
+"""DuckDB analytics over the exports: dashboards against the same aggregates in Postgres, filters, version
+comparison, cost, guardrails, evaluation pass rates, anomalies on planted spikes, prices, and the SQL sandbox."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from core import analytics, exports
+from core.analytics import Analytics, AnalyticsError, Filters, QueryRefused
+from tests.test_exports import seed
+
+UTC = timezone.utc
+T0 = datetime(2025, 3, 1, tzinfo=UTC)
+COLS = ("created_at", "status", "source", "user_id", "template_name", "template_version", "label", "model_name",
+        "backend", "prompt_tokens", "completion_tokens", "ttft_ms", "total_ms")
+
+
+def row(at: datetime, *, template="greeter", version=1, label="production", model="gemma", status="ok", user="ann",
+        source="chat", prompt=100, completion=50, total=500.0, ttft=50.0) -> tuple:
+    return (at, status, source, user, template, version, label, model, "llama_cpp", prompt,
+            completion if status == "ok" else None, ttft if status == "ok" else None,
+            total if status == "ok" else None)
+
+
+def copy_rows(pool, rows: list[tuple]) -> None:
+    with pool.connection() as conn:
+        with conn.cursor().copy(f"COPY executions ({', '.join(COLS)}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+
+
+@pytest.fixture
+def seeded(pool, settings):
+    """3,000 mixed executions over four days, exported; yields an Analytics over them."""
+    seed(pool, 3000)
+    exports.export(pool, settings)
+    with Analytics(settings.exports_dir) as a:
+        yield a
+
+
+def pg(pool, query: str, params=()):
+    with pool.connection() as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def test_usage_and_latency_equal_postgres(pool, seeded):
+    f = Filters(start=date(2025, 3, 1), end=date(2025, 3, 31))
+    usage = seeded.usage_over_time(f, "day")
+    expect = pg(pool, """SELECT (created_at AT TIME ZONE 'UTC')::date, count(*), coalesce(sum(prompt_tokens), 0),
+                                coalesce(sum(completion_tokens), 0), count(*) FILTER (WHERE status = 'error')
+                         FROM executions GROUP BY 1 ORDER BY 1""")
+    got = [(b.date(), r, p, c, e) for b, r, p, c, e in
+           usage[["bucket", "requests", "prompt_tokens", "completion_tokens", "errors"]].itertuples(index=False)]
+    assert got == [tuple(x) for x in expect] and len(got) >= 4
+    latency = seeded.latency_over_time(f, "day")
+    pg_lat = pg(pool, """SELECT (created_at AT TIME ZONE 'UTC')::date,
+                                percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY total_ms),
+                                percentile_cont(0.5) WITHIN GROUP (ORDER BY ttft_ms)
+                         FROM executions WHERE status = 'ok' GROUP BY 1 ORDER BY 1""")
+    for (day, lat, ttft50), r in zip(pg_lat, latency.itertuples(index=False)):
+        assert r.bucket.date() == day
+        assert [r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms] == pytest.approx(lat, rel=1e-9)
+        assert r.ttft_p50_ms == pytest.approx(ttft50, rel=1e-9)
+    hourly = seeded.usage_over_time(Filters(start=date(2025, 3, 2), end=date(2025, 3, 2)))
+    assert len(hourly) == 24 and hourly["requests"].sum() == usage.iloc[1]["requests"]  # a one-day range: hours
+
+
+def test_filters_restrict_like_a_where_clause(pool, seeded):
+    cases = [(Filters(template="summary"), "template_name = 'summary'"),
+             (Filters(template="summary", version=2), "template_name = 'summary' AND template_version = 2"),
+             (Filters(model="remote-big"), "model_name = 'remote-big'"),
+             (Filters(source="api", user="bob"), "source = 'api' AND user_id = 'bob'"),
+             (Filters(start=date(2025, 3, 2), end=date(2025, 3, 3)),
+              "(created_at AT TIME ZONE 'UTC')::date BETWEEN '2025-03-02' AND '2025-03-03'")]
+    for f, where in cases:
+        got = seeded.usage_over_time(f, "day")["requests"].sum()
+        assert got == pg(pool, f"SELECT count(*) FROM executions WHERE {where}")[0][0] > 0
+    by_version = seeded.latency_by_version(Filters(model="gemma-3-270m"))
+    expect = pg(pool, """SELECT template_name, template_version, count(*) FROM executions
+                         WHERE status = 'ok' AND model_name = 'gemma-3-270m' GROUP BY 1, 2 ORDER BY 1, 2""")
+    assert [tuple(x) for x in by_version[["template_name", "template_version", "requests"]].itertuples(index=False)] \
+        == [tuple(x) for x in expect]
+    assert (by_version["latency_p95_ms"] >= by_version["latency_p50_ms"]).all()
+    with pytest.raises(AnalyticsError, match="reversed"):
+        Filters(start=date(2025, 3, 5), end=date(2025, 3, 1))
+
+
+def test_consecutive_production_versions_are_compared(pool, settings):
+    rows = []
+    for i in range(60):
+        at = T0 + timedelta(minutes=10 * i)
+        rows.append(row(at, version=1, completion=100, total=400.0))
+        rows.append(row(at + timedelta(days=1), version=2, completion=200, total=800.0))
+        rows.append(row(at + timedelta(days=2), version=3, completion=150, total=600.0))
+        rows.append(row(at, version=9, label="staging", completion=999))  # not production: left out
+    copy_rows(pool, rows)
+    exports.export(pool, settings)
+    with Analytics(settings.exports_dir) as a:
+        cmp = a.version_comparison(Filters())
+    assert list(cmp["template_version"]) == [1, 2, 3]
+    assert list(cmp["previous_version"].fillna(0).astype(int)) == [0, 1, 2]
+    assert cmp["completion_tokens_change"].iloc[1] == pytest.approx(1.0)
+    assert cmp["completion_tokens_change"].iloc[2] == pytest.approx(-0.25)
+    assert cmp["latency_p50_change"].iloc[1] == pytest.approx(1.0)
+    assert list(cmp["requests"]) == [60, 60, 60]
+
+
+def test_cost_uses_prices_per_model_and_the_default(pool, seeded):
+    analytics.set_price(pool, "remote-big", prompt_per_1k=1.5, completion_per_1k=2.0, updated_by="ops")
+    analytics.set_price(pool, "*", per_compute_second=0.25)
+    prices = analytics.list_prices(pool)
+    assert [p.model_name for p in prices] == ["*", "remote-big"]
+    by_template = seeded.cost(Filters(), prices, by="template")
+    expect = dict(pg(pool, """SELECT template_name,
+                                     sum(CASE WHEN model_name = 'remote-big'
+                                              THEN coalesce(prompt_tokens, 0) / 1000.0 * 1.5
+                                                   + coalesce(completion_tokens, 0) / 1000.0 * 2.0
+                                              ELSE coalesce(total_ms, 0) / 1000.0 * 0.25 END)::float8
+                              FROM executions GROUP BY 1"""))
+    assert dict(zip(by_template["template"], by_template["cost"])) == pytest.approx(expect, rel=1e-9)
+    by_user = seeded.cost(Filters(), prices, by="user")
+    by_day = seeded.cost(Filters(), prices, by="day")
+    assert by_user["cost"].sum() == pytest.approx(sum(expect.values())) == pytest.approx(by_day["cost"].sum())
+    assert "(anonymous)" in set(by_user["user"])
+    assert seeded.summary(Filters(), prices)["cost"] == pytest.approx(sum(expect.values()))
+    with pytest.raises(AnalyticsError, match="grouped by"):
+        seeded.cost(Filters(), prices, by="colour")
+
+
+def test_prices_are_validated_and_replaced_atomically(pool):
+    analytics.set_price(pool, "a", prompt_per_1k=1)
+    with pytest.raises(AnalyticsError, match="zero or more"):
+        analytics.set_price(pool, "b", completion_per_1k=-1)
+    with pytest.raises(AnalyticsError, match="must be a number"):
+        analytics.replace_prices(pool, [{"model_name": "a", "prompt_per_1k": "cheap"}])
+    with pytest.raises(AnalyticsError, match="more than one price"):
+        analytics.replace_prices(pool, [{"model_name": "x"}, {"model_name": "x"}])
+    with pytest.raises(AnalyticsError, match="needs a model name"):
+        analytics.replace_prices(pool, [{"model_name": "x"}, {"model_name": " "}])
+    assert [(p.model_name, p.prompt_per_1k) for p in analytics.list_prices(pool)] == [("a", 1.0)]  # untouched
+    got = analytics.replace_prices(pool, [{"model_name": "b", "per_compute_second": 0.5}, {"model_name": "*"}],
+                                   updated_by="ops")
+    assert [(p.model_name, p.per_compute_second, p.updated_by) for p in got] == [("*", 0.0, "ops"), ("b", 0.5, "ops")]
+    analytics.delete_price(pool, "b")
+    with pytest.raises(LookupError, match="no price set"):
+        analytics.delete_price(pool, "b")
+
+
+def test_guardrail_hits_halts_and_eval_pass_rates(pool, settings):
+    from tests.test_exports import test_conversations_guardrails_and_evaluation_results_are_exported as populate
+
+    populate(pool, settings)  # one input hit (flag), one halt, two evaluation results (one passed)
+    with Analytics(settings.exports_dir) as a:
+        events = a.guardrails_over_time(Filters(), "day")
+        assert sorted(zip(events["event"], events["count"])) == [("conversation halted", 1), ("hit: flag", 1)]
+        assert a.guardrails_over_time(Filters(user="bob"), "day").empty
+        assert list(a.guardrail_rules(Filters())["rule_name"]) == ["no-pii"]
+        rates = a.eval_pass_rates(Filters(), "day")
+        assert list(rates["template_name"]) == ["greeter"] and rates["results"].iloc[0] == 2
+        assert rates["pass_rate"].iloc[0] == pytest.approx(0.5)
+        assert a.eval_pass_rates(Filters(template="other"), "day").empty
+        assert a.counts()["eval_results"] == 2
+
+
+def test_anomalies_flag_planted_spikes_only(pool, settings):
+    rng = random.Random(7)
+    rows = []
+    for hour in range(72):
+        for template in ("greeter", "summary"):
+            for k in range(5):
+                at = T0 + timedelta(hours=hour, minutes=10 * k)
+                completion = rng.randint(45, 55)
+                total = rng.uniform(480, 520)
+                if template == "greeter" and hour == 40:
+                    completion = 400  # a token spike
+                if template == "summary" and hour == 60:
+                    total = 2000.0  # a latency regression
+                rows.append(row(at, template=template, completion=completion, total=total))
+    rows.append(row(T0 + timedelta(hours=80), template="greeter", completion=5000))  # a lone request: too few
+    copy_rows(pool, rows)
+    exports.export(pool, settings)
+    with Analytics(settings.exports_dir) as a:
+        found = a.anomalies(Filters())
+        assert [(r.template_name, r.hour, r.metric) for r in found.itertuples()] == [
+            ("summary", datetime(2025, 3, 3, 12), "mean latency (ms)"),
+            ("greeter", datetime(2025, 3, 2, 16), "tokens per request")]
+        spike = found.iloc[1]
+        assert spike["value"] == pytest.approx(500) and spike["baseline"] == pytest.approx(150, abs=6)
+        assert spike["jump"] == pytest.approx(spike["value"] - spike["baseline"]) and spike["jump_pct"] > 2
+        # a date range that starts after the spike's history still sees the hours before it
+        late = a.anomalies(Filters(start=date(2025, 3, 3), end=date(2025, 3, 3)))
+        assert list(late["template_name"]) == ["summary"]
+        with pytest.raises(AnalyticsError, match="positive"):
+            a.anomalies(Filters(), window_hours=1)
+
+
+def test_empty_exports_give_empty_dashboards(settings):
+    with Analytics(settings.exports_dir) as a:
+        assert a.usage_over_time(Filters()).empty and a.anomalies(Filters()).empty
+        assert a.summary(Filters())["requests"] == 0
+        assert a.filter_options()["template"] == []
+        assert a.query("SELECT count(*) AS n FROM executions").frame["n"].iloc[0] == 0
+
+
+def test_sql_box_reads_the_exports(seeded):
+    result = seeded.query("SELECT status, count(*) AS n FROM executions GROUP BY status ORDER BY n DESC;")
+    assert not result.truncated and result.frame["n"].sum() == 3000
+    capped = seeded.query("SELECT id FROM executions", limit=10)
+    assert capped.truncated and len(capped.frame) == 10
+    files = exports.parquet_files(seeded.exports_dir, "executions")
+    direct = seeded.query(f"SELECT count(*) AS n FROM read_parquet('{files[0]}')")
+    assert direct.frame["n"].iloc[0] > 0
+    cte = seeded.query("WITH t AS (SELECT * FROM executions) SELECT count(*) AS n FROM t -- trailing comment")
+    assert cte.frame["n"].iloc[0] == 3000
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("SELECT * FROM read_csv('/etc/passwd')", "only the exports can be read"),
+    ("SELECT * FROM read_text('/etc/hostname')", "only the exports can be read"),
+    ("SELECT * FROM glob('/*')", "only the exports can be read"),
+    ("COPY (SELECT * FROM executions) TO '{exports}/stolen.csv'", "COPY statements are not allowed"),
+    ("COPY executions TO '/tmp/stolen.parquet'", "COPY statements are not allowed"),
+    ("ATTACH '{exports}/x.duckdb' AS x", "ATTACH statements are not allowed"),
+    ("ATTACH '/tmp/x.duckdb'", "ATTACH statements are not allowed"),
+    ("INSTALL httpfs", "not allowed"),
+    ("SET enable_external_access = true", "not allowed"),
+    ("CREATE TABLE t AS SELECT 1", "not allowed"),
+    ("SELECT 1; SELECT 2", "one statement at a time"),
+    ("SELECT * FROM read_parquet('{exports}/../../../../etc/passwd')", "only the exports can be read"),
+])
+def test_sql_box_refuses_with_a_reason(seeded, query, reason):
+    exports_dir = str(Path(seeded.exports_dir).resolve())
+    with pytest.raises(QueryRefused, match=reason):
+        seeded.query(query.format(exports=exports_dir))
+    assert not (Path(exports_dir) / "stolen.csv").exists() and not Path("/tmp/stolen.parquet").exists()
+
+
+def test_sql_box_time_limit_and_errors(seeded):
+    with pytest.raises(QueryRefused, match="time limit"):
+        seeded.query("SELECT count(*) FROM range(1000000000000) AS a(x) WHERE x % 7 = 3", time_limit_s=0.5)
+    with pytest.raises(AnalyticsError, match="syntax error"):
+        seeded.query("SELEC 1")
+    with pytest.raises(AnalyticsError, match="nope"):
+        seeded.query("SELECT * FROM nope")
+    with pytest.raises(AnalyticsError, match="enter a SELECT"):
+        seeded.query("   ")
+    assert seeded.query("SELECT 1 AS one").frame["one"].iloc[0] == 1  # still usable afterwards
+
+
+def test_analytics_commands(app_env, pool, capsys):
+    from core.cli import main
+
+    seed(pool, 200, start=datetime.now(UTC) - timedelta(hours=30), span_hours=24)
+    assert main(["analytics", "query", "SELECT count(*) AS n FROM executions", "--format", "csv"]) == 0  # exports first
+    assert capsys.readouterr().out.split() == ["n", "200"]
+    assert main(["analytics", "query", "SELECT id FROM executions", "--limit", "3", "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count('"id"') == 3 and "first 3 rows" in err
+    assert main(["analytics", "query", "SELECT * FROM read_csv('/etc/passwd')"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("promptdev: refused: only the exports can be read") and err.count("\n") == 1
+    assert main(["analytics", "price", "gemma-3-270m", "--per-second", "0.002", "--by", "ops"]) == 0
+    assert main(["analytics", "prices", "--format", "csv"]) == 0
+    assert "gemma-3-270m,0.0,0.0,0.002,ops" in capsys.readouterr().out
+    assert main(["analytics", "cost", "--by", "model", "--format", "csv"]) == 0
+    assert "compute_s" in capsys.readouterr().out
+    assert main(["analytics", "summary", "--days", "7"]) == 0
+    assert "requests" in capsys.readouterr().out
+    assert main(["analytics", "anomalies", "--since", "2025-01-01"]) == 0
+    assert main(["analytics", "summary", "--since", "March"]) == 1
+    assert "--since: not a date: 'March'" in capsys.readouterr().err
+    assert main(["analytics", "price", "x", "--prompt-per-1k", "-1"]) == 1
+    assert "zero or more" in capsys.readouterr().err
+
+
+def test_unreadable_exports_are_one_clear_error(pool, settings):
+    seed(pool, 20)
+    exports.export(pool, settings)
+    exports.parquet_files(settings.exports_dir, "executions")[0].write_bytes(b"not parquet at all")
+    with pytest.raises(AnalyticsError, match=r"cannot read the exports .*\(`promptdev export --full` rebuilds them\)"):
+        Analytics(settings.exports_dir)
+    exports.export(pool, settings, full=True)
+    with Analytics(settings.exports_dir) as a:
+        assert a.summary(Filters())["requests"] == 20
