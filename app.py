@@ -25,4 +25,5 @@ PAGES = {
 
 glue.sidebar_user()
 glue.start_worker()
+glue.start_metrics()
 st.navigation(PAGES).run()

@@ -84,8 +84,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> None:
-    from core import worker
+    from core import metrics, worker
 
+    metrics.start_metrics_server(settings)
     worker.run_forever(settings, concurrency=args.concurrency, quiet=args.quiet)
 
 

@@ -122,6 +122,26 @@ def start_worker() -> None:
         log.warning("worker not started: %s", exc)
 
 
+@st.cache_resource
+def _metrics(port: int) -> int | None:
+    from core import metrics
+
+    return metrics.start_metrics_server(load_settings())
+
+
+def start_metrics() -> None:
+    """Serve Prometheus metrics on PROMPTDEV_METRICS_PORT once per process (off when the port is 0)."""
+    from core.metrics import MetricsError
+
+    s = settings()
+    if not s.metrics_port:
+        return
+    try:
+        _metrics(s.metrics_port)
+    except MetricsError as exc:
+        log.warning("metrics endpoint not started: %s", exc)
+
+
 def error_message(exc: BaseException) -> str:
     """A one-line message for an exception, without internals."""
     if isinstance(exc, psycopg.Error):

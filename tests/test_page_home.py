@@ -48,3 +48,18 @@ def test_a_deep_link_is_routed_through_app_navigation(deep_link_env):
     assert not at.exception
     assert at.sidebar.text_input(key="promptdev.user") is not None  # app.py ran: its sidebar is there
     assert at.title[0].value == "Templates"
+
+
+def test_app_serves_prometheus_metrics_when_a_port_is_set(app_env, monkeypatch):
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    monkeypatch.setenv("PROMPTDEV_METRICS_PORT", str(port))
+    at = AppTest.from_file(APP_PATH, default_timeout=60)
+    at.run()
+    assert not at.exception
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    assert "# TYPE promptdev_generations counter" in body and "promptdev_generation_latency_seconds" in body
