@@ -62,4 +62,4 @@ def test_app_serves_prometheus_metrics_when_a_port_is_set(app_env, monkeypatch):
     assert not at.exception
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
-    assert "# TYPE promptdev_generations counter" in body and "promptdev_generation_latency_seconds" in body
+    assert "# TYPE promptdev_generations_total counter" in body and "promptdev_generation_latency_seconds" in body
