@@ -99,15 +99,38 @@ def figures_line(execution: Any) -> str:
     return " · ".join(parts)
 
 
+def _end_line(run: Any) -> None:
+    """End the streamed output with a newline (when it has text that does not end with one)."""
+    if run.output and not run.output.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def _stream(run: Any) -> None:
     out = sys.stdout
     with run:
         for chunk in run:
             out.write(chunk)
             out.flush()
-    if run.output and not run.output.endswith("\n"):
-        out.write("\n")
-    out.flush()
+    _end_line(run)
+
+
+def _stream_recorded(run: Any) -> None:
+    """Stream a run to stdout. A generation that failed was recorded: it ends the command with one line naming
+    the error and the execution; an interrupted one (Ctrl-C) was recorded as cancelled."""
+    try:
+        _stream(run)
+    except KeyboardInterrupt:
+        _end_line(run)
+        if run.execution_id is not None:
+            print(f"execution {run.execution_id} cancelled", file=sys.stderr)
+        raise
+    except Exception as exc:
+        if run.execution_id is None:
+            raise
+        _end_line(run)
+        text = str(exc).strip().splitlines()
+        fail(f"{text[0] if text else type(exc).__name__} (recorded as execution {run.execution_id})")
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -133,11 +156,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                                   model_id=model.id if model else None)
     backend = models.backend_for(pool, settings, args.model)
     run = executions.start(pool, backend, origin=prepared.origin, params=prepared.params, messages=prepared.messages)
-    try:
-        _stream(run)
-    finally:
-        if run.execution_id is not None and not args.quiet:
-            print(figures_line(executions.get_execution(pool, run.execution_id)), file=sys.stderr)
+    _stream_recorded(run)
+    if not args.quiet:
+        print(figures_line(executions.get_execution(pool, run.execution_id)), file=sys.stderr)
     return 0
 
 
@@ -190,7 +211,7 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions
+    from core import db, executions, models
 
     pool = db.get_pool(settings)
     try:
@@ -206,7 +227,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
              ("source", e.source), ("user", e.user_id or "-"),
              ("template", (e.template_ref or "-") + (f" ({e.label})" if e.label else "")),
              ("model", e.model_name + (f" sha256 {e.model_sha256}" if e.model_sha256 else "")
-              + (f" at {e.base_url}" if e.base_url else "")),
+              + (f" at {e.base_url} (model {models.served_model_name(pool, e)} there)" if e.base_url else "")),
              ("params", json.dumps(e.params, ensure_ascii=False)),
              ("variables", json.dumps(e.variables, ensure_ascii=False))]
     if e.rerun_of:
@@ -233,16 +254,33 @@ def _rerun(args: argparse.Namespace, settings: Settings) -> int:
     original = executions.get_execution(pool, args.id)
     backend = models.backend_for_execution(pool, settings, original)
     run = executions.start_rerun(pool, backend, args.id, source="rerun", user_id=args.user)
-    try:
-        _stream(run)
-    finally:
-        if run.execution_id is not None:
-            new = executions.get_execution(pool, run.execution_id)
-            if not args.quiet:
-                print(figures_line(new), file=sys.stderr)
+    _stream_recorded(run)
+    new = executions.get_execution(pool, run.execution_id)
+    if not args.quiet:
+        print(figures_line(new), file=sys.stderr)
     identical = executions.is_identical(original, new)
     print(f"{'identical to' if identical else 'DIFFERS from'} execution {original.id}", file=sys.stderr)
     return 3 if args.check and not identical else 0
+
+
+def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    from core import db, executions, templates
+
+    pool = db.get_pool(settings)
+    if args.template:
+        templates.get_template(pool, args.template)  # LookupError names an unknown template
+    rows = executions.templates_usage(pool, args.template)
+    if args.json:
+        print(json.dumps([{**r, "last_used": r["last_used"].isoformat() if r["last_used"] else None} for r in rows],
+                         indent=2, ensure_ascii=False))
+    elif not rows:
+        print("no templates yet", file=sys.stderr)
+    else:
+        print(_table(["TEMPLATE", "RUNS", "LAST USED"], [
+            [r["template"], str(r["uses"]),
+             r["last_used"].astimezone().strftime("%Y-%m-%d %H:%M:%S") if r["last_used"] else "never"]
+            for r in rows]))
+    return 0
 
 
 def _cancel(args: argparse.Namespace, settings: Settings) -> int:
@@ -326,7 +364,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the figures on stderr")
     p.set_defaults(func=_run)
 
-    ex = subparsers.add_parser("executions", help="list, show, re-run or cancel recorded executions")
+    ex = subparsers.add_parser("executions", help="list, show, re-run or cancel recorded executions; template usage")
     exs = ex.add_subparsers(dest="executions_command", required=True, metavar="ACTION")
     p = exs.add_parser("list", help="recorded executions, newest first")
     p.add_argument("--template")
@@ -351,6 +389,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--check", action="store_true", help="exit with status 3 when the output differs")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_rerun)
+    p = exs.add_parser("usage", help="how often each template ran and when it last did, from the ledger")
+    p.add_argument("--template", help="only this template")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_usage)
     p = exs.add_parser("cancel", help="cancel a queued execution")
     p.add_argument("id", type=int)
     p.set_defaults(func=_cancel)

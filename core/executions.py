@@ -188,7 +188,31 @@ def record(pool: ConnectionPool, *, origin: Origin, backend: Backend | None = No
     with pool.connection() as conn, conn.transaction():
         if ASYNC_COMMIT:
             conn.execute("SET LOCAL synchronous_commit = off")
-        return conn.execute(_INSERT, _insert_args(values)).fetchone()[0]
+        execution_id = conn.execute(_INSERT, _insert_args(values)).fetchone()[0]
+    _observe(values)
+    return execution_id
+
+
+_metrics: Any = None  # core.metrics once imported; False when it cannot be (then never tried again)
+
+
+def _observe(values: Mapping[str, Any]) -> None:
+    """Count a recorded execution in this process's Prometheus metrics (core.metrics); never raises."""
+    global _metrics
+    if _metrics is None:
+        try:
+            from core import metrics as _metrics
+        except Exception:  # telemetry is optional; the ledger is the record
+            log.warning("Prometheus metrics unavailable", exc_info=True)
+            _metrics = False
+    if not _metrics:
+        return
+    _metrics.observe_execution(
+        template=values.get("template_name"), model=values.get("model_name"), source=values.get("source") or "",
+        status=values.get("status") or "", prompt_tokens=values.get("prompt_tokens"),
+        completion_tokens=values.get("completion_tokens"),
+        ttft_s=values["ttft_ms"] / 1000 if values.get("ttft_ms") is not None else None,
+        total_s=values["total_ms"] / 1000 if values.get("total_ms") is not None else None)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -252,6 +276,9 @@ class ExecutionRun:
                 exc.execution_id = self.execution_id  # type: ignore[attr-defined]
             except AttributeError:
                 pass
+            raise
+        except BaseException:  # KeyboardInterrupt or SystemExit inside the generation: stopped from outside
+            self._finish("cancelled", None)
             raise
         self._finish("ok" if self.generation.usage.finish_reason != "cancelled" else "cancelled", None)
 
@@ -365,7 +392,9 @@ def submit_execution(pool: ConnectionPool, name: str, variables: Mapping[str, An
                      params: Mapping[str, Any] | GenerationParams | None = None, user_message: str | None = None,
                      model: str | None = None, source: str = "api", user_id: str | None = None) -> int:
     """Queue a template run for the background worker and return its execution id at once (status 'queued').
-    The template is rendered and the seed drawn now; `model` names a registered model (default: the default)."""
+    The template is rendered and the seed drawn now; `model` names a registered model (default: the default).
+    A worker outside the caller's thread runs it: the app's, `promptdev worker`, or `core.worker.start_thread(pool,
+    settings)` in this process; `get_execution(id)` reports its status and result (`wait_for_execution` waits)."""
     from core import models
 
     registered = models.get_model(pool, model) if model is not None else models.default_model(pool)
@@ -511,6 +540,7 @@ def _run_claimed(conn: Any, pool: ConnectionPool, settings: Any, claimed: Execut
          claimed.model_id, values["model_sha256"], values["base_url"], values["model_name"],
          values["finish_reason"], values["prompt_tokens"], values["completion_tokens"], values["ttft_ms"],
          values["total_ms"], claimed.id))
+    _observe({**values, "status": status, "source": claimed.source, "template_name": claimed.template_name})
 
 
 def _register_worker_source() -> None:
@@ -585,6 +615,16 @@ def usage_by_template(pool: ConnectionPool) -> dict[str, dict[str, Any]]:
         rows = cur.execute("SELECT template_name, count(*) AS uses, max(created_at) AS last_used FROM executions "
                            "WHERE template_name IS NOT NULL GROUP BY template_name").fetchall()
     return {r["template_name"]: {"uses": r["uses"], "last_used": r["last_used"]} for r in rows}
+
+
+def templates_usage(pool: ConnectionPool, template_name: str | None = None) -> list[dict[str, Any]]:
+    """Every template (or the one named) with its use count and last-used time from the ledger, most used first:
+    [{template, uses, last_used}]; a template that never ran has 0 and None."""
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT t.name AS template, count(e.id) AS uses, max(e.created_at) AS last_used FROM templates t "
+            "LEFT JOIN executions e ON e.template_name = t.name WHERE %(name)s::text IS NULL OR t.name = %(name)s "
+            "GROUP BY t.name ORDER BY uses DESC, t.name", {"name": template_name}).fetchall()
 
 
 # ---------------------------------------------------------------------------------------------------------------

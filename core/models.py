@@ -290,3 +290,16 @@ def backend_for_execution(pool: ConnectionPool, settings: Settings, execution: A
     if model.id == default.id:
         return llm.get_backend(settings)
     return backend_for_model(model, settings)
+
+
+def served_model_name(pool: ConnectionPool, execution: Any) -> str | None:
+    """The model name on the server an OpenAI-compatible execution ran on (from the registry entry it refers to;
+    entries the ledger refers to cannot be removed), or None."""
+    if execution.backend != "openai":
+        return None
+    if execution.model_id is not None:
+        try:
+            return get_model_by_id(pool, execution.model_id).remote_model
+        except LookupError:
+            pass
+    return execution.model_name

@@ -99,7 +99,7 @@ def variable_inputs(prefix: str, specs: list[executions.VariableSpec]) -> tuple[
         else:
             text = st.text_area(label, value=spec.default if isinstance(spec.default, str) else "", key=key,
                                 help=help_, height=80)
-            if text or spec.required:
+            if text:  # left empty: not given, so a variable the template needs is named as missing
                 values[spec.name] = text
     for problem in problems:
         st.error(problem)
@@ -190,6 +190,44 @@ def show_figures(e: Execution, columns: int = 6) -> None:
             col.metric(label, value)
 
 
+def stream_recorded(run: executions.ExecutionRun, border: bool = True) -> None:
+    """Stream a run into a container. Leaving the block (the end, an error, or a rerun abandoning the stream) closes
+    the run, which releases the model and records the execution. A failure the ledger recorded is not raised again:
+    the execution's status line shows it, once; anything else (nothing recorded) propagates."""
+    try:
+        with st.container(border=border):
+            with run:
+                st.write_stream(run)
+    except Exception as exc:
+        if run.execution_id is None:
+            raise
+        log.info("execution %s failed: %s", run.execution_id, glue.error_message(exc))
+
+
+def usage_caption(name: str) -> None:
+    """How often a template ran and when it last did (from the ledger), as one caption line."""
+    usage = executions.template_usage(pool, name)
+    if usage["uses"]:
+        st.caption(f"Ran {usage['uses']:,} time{'s' if usage['uses'] != 1 else ''} · last "
+                   f"{usage['last_used'].astimezone().strftime('%Y-%m-%d %H:%M')}")
+    else:
+        st.caption("Never ran yet")
+
+
+def inline_code(value: Any) -> str:
+    """A value as inline code (so names like q4_k_m are not read as markdown)."""
+    text = str(value).replace("\n", " ")
+    return text if text == "–" or "`" in text else f"`{text}`"
+
+
+def server_text(e: Execution) -> str:
+    """The server an execution ran on and the model name there (from the registry entry it refers to)."""
+    if not e.base_url:
+        return "–"
+    remote = models.served_model_name(pool, e)
+    return e.base_url + (f" · model {remote}" if remote else "")
+
+
 def describe(e: Execution) -> str:
     """One line naming an execution."""
     what = e.template_ref + (f" ({e.label})" if e.label else "") if e.template_ref else "free-form"
@@ -253,6 +291,7 @@ run_tab, compare_tab, draft_tab, ledger_tab, models_tab = st.tabs(
 with run_tab:
     mode = st.radio("Prompt", [TEMPLATE, FREE_FORM], horizontal=True, key="playground.run.mode",
                     index=0 if template_names else 1)
+    usage_slot, name = None, None
     request: dict[str, Any] | None = None
     model: models.Model | None = None
     with glue.reported():
@@ -264,6 +303,7 @@ with run_tab:
                 left, right = st.columns(2)
                 with left:
                     name = st.selectbox("Template", template_names, key="playground.run.template")
+                    usage_slot = st.empty()  # filled once this run's own generation is recorded
                 with right:
                     tv, label, number = choose_version("playground.run", name)
                 with st.expander(f"{tv.ref} · {tv.kind} · {len(tv.variables)} variable(s)"):
@@ -315,14 +355,12 @@ with run_tab:
             backend = backend_of(model)
             run = executions.start(pool, backend, origin=origin, params=gen_params, messages=messages,
                                    prompt=prompt_text)
-            st.session_state[KEY_RUN_RESULT] = None
-            try:
-                with st.container(border=True):
-                    with run:
-                        st.write_stream(run)
-            finally:
-                st.session_state[KEY_RUN_RESULT] = run.execution_id
+            stream_recorded(run)
+            st.session_state[KEY_RUN_RESULT] = run.execution_id
             st.session_state[KEY_STREAMED] = run.execution_id
+    if usage_slot is not None:
+        with usage_slot:
+            usage_caption(name)
     result_id = st.session_state.get(KEY_RUN_RESULT)
     if result_id:
         with glue.reported():
@@ -387,11 +425,7 @@ with compare_tab:
                     run = executions.start(pool, backend, origin=p.origin, params=p.params, messages=p.messages)
                     with slots[i].container():
                         st.caption(f"{c['tv'].ref} · {c['model'].name}")
-                        try:
-                            with run:
-                                st.write_stream(run)
-                        except Exception as exc:  # recorded as an error; the other columns still run
-                            log.info("side-by-side column %s failed: %s", i + 1, exc)
+                        stream_recorded(run, border=False)  # a failure is recorded; the other columns still run
                     ids[i] = run.execution_id
                 progress.empty()
                 for slot in slots:
@@ -427,7 +461,7 @@ with compare_tab:
                     st.altair_chart(alt.Chart(timing, title="Where the time went").mark_bar().encode(
                         x=alt.X("ms:Q", stack="zero", title="milliseconds"), y=alt.Y("column:N", title=None),
                         color=alt.Color("phase:N", sort=["first token", "rest"]),
-                        tooltip=["column", "phase", alt.Tooltip("ms:Q", format=".0f")]), use_container_width=True)
+                        tooltip=["column", "phase", alt.Tooltip("ms:Q", format=".0f")]), width="stretch")
 
 # --- Generate a template -----------------------------------------------------------------------------------------
 with draft_tab:
@@ -494,6 +528,7 @@ with ledger_tab:
     f_status = f5.selectbox("Status", [ALL, *executions.STATUSES], key="playground.ledger.status")
     f_window = f6.selectbox("Time", list(TIME_WINDOWS), index=len(TIME_WINDOWS) - 1, key="playground.ledger.time")
     window = TIME_WINDOWS[f_window]
+    usage_box = st.container()  # filled at the end, so that it counts a re-run made below
     rows = executions.list_executions(
         pool, template_name=None if f_template == ALL else f_template,
         template_version=None if f_version == ALL else int(f_version),
@@ -518,7 +553,7 @@ with ledger_tab:
                 x=alt.X("created:T", title=None), y=alt.Y("total ms:Q", title="total ms"),
                 color=alt.Color("model:N"), shape=alt.Shape("status:N"),
                 tooltip=["id", "template", "model", "status", "total ms", "completion tokens"]),
-                use_container_width=True)
+                width="stretch")
         by_id = {e.id: e for e in rows}
         chosen = st.selectbox("Open execution", list(by_id), key="playground.ledger.open",
                               format_func=lambda i: describe(by_id[i]))
@@ -531,9 +566,12 @@ with ledger_tab:
             "Source": e.source, "User": e.user_id or "–",
             "Template": (e.template_ref or "free-form") + (f" (label {e.label})" if e.label else ""),
             "Model": e.model_name + (f" · {e.backend}" if e.backend else ""),
-            "Model file SHA-256": e.model_sha256 or "–", "Server": e.base_url or "–", "Seed": e.seed,
+            "Model file SHA-256": e.model_sha256 or "–", "Server": server_text(e), "Seed": e.seed,
             "Re-run of": f"#{e.rerun_of}" if e.rerun_of else "–", "Worker": e.worker or "–"}
-        st.table(pd.DataFrame({"": [str(v) for v in facts.values()]}, index=list(facts)))
+        facts_left, facts_right = st.columns(2)
+        items = list(facts.items())
+        for col, part in ((facts_left, items[:6]), (facts_right, items[6:])):
+            col.markdown("\n".join(f"- **{k}:** {inline_code(v)}" for k, v in part))
         p1, p2 = st.columns(2)
         with p1:
             st.markdown("**Parameters**")
@@ -553,13 +591,8 @@ with ledger_tab:
             with glue.reported():
                 backend = models.backend_for_execution(pool, settings, e)
                 run = executions.start_rerun(pool, backend, e.id, user_id=user)
-                with st.container(border=True):
-                    try:
-                        with run:
-                            st.write_stream(run)
-                    finally:
-                        if run.execution_id is not None:
-                            st.session_state[KEY_RERUN] = (e.id, run.execution_id)
+                stream_recorded(run)
+                st.session_state[KEY_RERUN] = (e.id, run.execution_id)
         rerun_ids = st.session_state.get(KEY_RERUN)
         if rerun_ids and rerun_ids[0] == e.id:
             with glue.reported():
@@ -567,15 +600,26 @@ with ledger_tab:
                 if executions.is_identical(original, new):
                     st.success(f"Identical output: execution #{new.id} reproduces #{original.id} exactly "
                                f"(seed {new.seed}).")
+                elif new.status == "error":
+                    st.error(f"Re-run #{new.id} failed, so it does not reproduce #{original.id}: {new.error}")
                 else:
+                    why = (" The model file differs." if new.model_sha256 != original.model_sha256 else
+                           " The prompt text the model saw differs (its chat format changed)."
+                           if original.prompt is not None and new.prompt != original.prompt else "")
                     st.warning(f"Output differs: execution #{new.id} ({new.status}) does not reproduce "
-                               f"#{original.id} ({original.status}).")
+                               f"#{original.id} ({original.status}).{why}")
                     diff = "\n".join(difflib.unified_diff((original.output or "").splitlines(),
                                                           (new.output or "").splitlines(), f"#{original.id}",
                                                           f"#{new.id}", lineterm=""))
                     if diff:
                         st.code(diff, language="diff")
                 show_figures(new)
+
+    if template_names:
+        with usage_box, st.expander("Template usage: runs and last use of every template, from the ledger"):
+            st.dataframe(pd.DataFrame([{"template": u["template"], "runs": u["uses"], "last used": u["last_used"]}
+                                       for u in executions.templates_usage(pool)]),
+                         hide_index=True, key="playground.ledger.usage")
 
 # --- Models ------------------------------------------------------------------------------------------------------
 with models_tab:

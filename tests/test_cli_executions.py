@@ -167,3 +167,41 @@ def test_the_console_command_streams_and_fails_cleanly(app_env, pool, greet):
     done = subprocess.run([sys.executable, "-m", "core.cli", "run", "greet"], capture_output=True, text=True, env=env,
                           cwd=PROJECT_ROOT, timeout=300)
     assert done.returncode == 1 and done.stderr == "promptdev: missing variable: name\n" and "Traceback" not in done.stderr
+
+
+def test_a_generation_failure_is_one_line_and_recorded(cli, pool, settings, backend):
+    models.ensure_default_model_registered(pool, settings)
+    templates.create_template(pool, "long", "{{ text }}")
+    code, out, err = cli("run", "long", "text=" + "word " * (backend.n_ctx + 10))
+    row = executions.list_executions(pool)[0]
+    assert code == 1 and out == "" and row.status == "error" and "context holds" in row.error
+    assert err == f"promptdev: {row.error} (recorded as execution {row.id})\n"
+    code, out, err = cli("executions", "rerun", str(row.id))  # a re-run that fails says so the same way
+    new = executions.list_executions(pool, rerun_of=row.id)[0]
+    assert code == 1 and out == "" and new.status == "error"
+    assert err == f"promptdev: {new.error} (recorded as execution {new.id})\n"
+
+
+def test_template_usage(cli, pool, greet, backend):
+    templates.create_template(pool, "idle", "Nothing to see")
+    for name in ("Ada", "Bo"):
+        cli("run", "greet", f"name={name}", "--max-tokens", "1", "-q")
+    last = executions.list_executions(pool)[0].created_at
+    code, out, _ = cli("executions", "usage")
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [["TEMPLATE", "RUNS"], ["greet", "2"],
+                                                                             ["idle", "0"]]
+    assert out.splitlines()[2].split()[-1] == "never"
+    code, out, _ = cli("executions", "usage", "--template", "greet", "--json")
+    assert json.loads(out) == [{"template": "greet", "uses": 2, "last_used": last.isoformat()}]
+    code, out, err = cli("executions", "usage", "--template", "ghost")
+    assert code == 1 and err == "promptdev: no template named 'ghost'\n"
+
+
+def test_show_names_the_model_on_the_server(cli, pool):
+    remote = models.register_model(pool, "remote", backend="openai", base_url="http://127.0.0.1:9/v1",
+                                   remote_model="served-name")
+    eid = executions.record(pool, origin=executions.Origin("api", model_id=remote.id), status="error",
+                            error="down", model={"model_name": "remote", "backend": "openai", "model_sha256": None,
+                                                 "base_url": remote.base_url})
+    code, out, _ = cli("executions", "show", str(eid))
+    assert code == 0 and "model:     remote at http://127.0.0.1:9/v1 (model served-name there)" in out

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
-from core import executions
+from core import executions, llm
 from core.executions import Origin
 from core.llm import GenerationParams
 
@@ -60,3 +62,46 @@ def test_filters_and_unknown_id(pool):
         executions.get_execution(pool, 999999)
     with pytest.raises(ValueError, match="source"):
         executions.record(pool, origin=Origin("nowhere"), status="ok")
+
+
+def test_an_interrupted_run_is_recorded_as_cancelled(pool, backend, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) inside the generation: the model is released and the run recorded, cancelled."""
+    real = backend.generate
+
+    def interrupted(*args, **kwargs):
+        gen = real(*args, **kwargs)
+
+        def chunks():
+            with gen:
+                for chunk in gen:
+                    yield chunk
+                    raise KeyboardInterrupt
+
+        return llm.Generation(chunks(), gen.prompt, gen.params, gen.usage)
+
+    monkeypatch.setattr(backend, "generate", interrupted)
+    run = executions.start(pool, backend, origin=Origin("cli"), params=GenerationParams(max_tokens=20, seed=1),
+                           prompt="Once upon a time")
+    with pytest.raises(KeyboardInterrupt):
+        run.read()
+    assert not backend.lock.locked()
+    row = executions.get_execution(pool, run.execution_id)
+    assert row.status == "cancelled" and row.output == run.output and row.output
+
+
+def test_recorded_executions_feed_the_metrics(pool, backend):
+    from core import metrics
+
+    template = f"tpl-{uuid.uuid4().hex[:8]}"
+    labels = {"template": template, "model": backend.name}
+    run = executions.start(pool, backend, origin=Origin("api", template_name=template),
+                           params=GenerationParams(max_tokens=3, seed=1), prompt="Hello")
+    run.read()
+    executions.record(pool, origin=Origin("chat", template_name=template), status="blocked", error="x",
+                      backend=backend)
+    row = executions.get_execution(pool, run.execution_id)
+    sample = metrics.REGISTRY.get_sample_value
+    assert sample("promptdev_generations_total", {**labels, "source": "api", "status": "ok"}) == 1
+    assert sample("promptdev_generations_total", {**labels, "source": "chat", "status": "blocked"}) == 1
+    assert sample("promptdev_tokens_total", {**labels, "kind": "completion"}) == row.completion_tokens
+    assert sample("promptdev_generation_latency_seconds_count", labels) == 1

@@ -132,3 +132,14 @@ def test_backend_for_execution_finds_the_same_file(pool, settings, backend):
                                    "base_url": None})
     with pytest.raises(LookupError, match="not in the model registry"):
         models.backend_for_execution(pool, settings, executions.get_execution(pool, eid))
+
+
+def test_served_model_name_of_an_execution(pool, settings, backend):
+    remote = models.register_model(pool, "remote", backend="openai", base_url="http://127.0.0.1:9/v1",
+                                   remote_model="served-name")
+    on_server = executions.record(pool, origin=Origin("api", model_id=remote.id), status="error", error="down",
+                                  model={"model_name": "remote", "backend": "openai", "model_sha256": None,
+                                         "base_url": remote.base_url})
+    local = executions.record(pool, origin=Origin("api"), status="ok", output="x", backend=backend)
+    assert models.served_model_name(pool, executions.get_execution(pool, on_server)) == "served-name"
+    assert models.served_model_name(pool, executions.get_execution(pool, local)) is None

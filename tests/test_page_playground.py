@@ -56,14 +56,26 @@ def errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error]
 
 
+def captions(at: AppTest) -> list[str]:
+    return [c.value for c in at.caption]
+
+
+def frame(at: AppTest, column: str):
+    """The first dataframe on the page with this column."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
 def test_run_a_template_streams_and_shows_everything(app_env, pool, backend, greet):
     at = open_playground(backend)
     assert at.selectbox(key="playground.run.template").value == "greet"
     assert at.selectbox(key="playground.run.version").value == "latest (v2)"
     assert at.number_input(key="playground.run.p.max_tokens").value == 3  # defaults from the version
     assert at.number_input(key="playground.run.p.temperature").value == 0.9
+    assert "Never ran yet" in captions(at)
     at.selectbox(key="playground.run.version").set_value("v1").run()
     assert at.number_input(key="playground.run.p.max_tokens").value == 4  # follow the chosen version
+    at.button(key="playground.run.go").click().run()  # the variable left empty is named, nothing runs
+    assert not at.exception and errors(at) == ["missing variable: name"] and executions.list_executions(pool) == []
     at.text_area(key="playground.run.var.name").input("Ada")
     at.text_area(key="playground.run.user_message").input("Be quick.")
     at.number_input(key="playground.run.p.seed").set_value(11)
@@ -78,9 +90,14 @@ def test_run_a_template_streams_and_shows_everything(app_env, pool, backend, gre
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Prompt tokens"] == str(row.prompt_tokens) and metrics["Completion tokens"] == str(
         row.completion_tokens)
-    assert {"TTFT", "Tokens/s", "Total", "Finish"} <= set(metrics)
-    assert any(c.value == row.prompt.rstrip("\n") for c in at.code)  # the exact prompt is shown
-    assert any(row.output in m.value for m in at.markdown)  # the streamed output
+    assert {"TTFT", "Tokens/s", "Total"} <= set(metrics) and metrics["Finish"] == row.finish_reason
+    assert metrics["TTFT"] == f"{row.ttft_ms:,.0f} ms" and metrics["Total"] == f"{row.total_ms / 1000:,.2f} s"
+    shown = [c.value for c in at.code]
+    assert row.prompt.rstrip("\n") in shown  # the exact prompt is shown
+    assert "Say hello to Ada." in shown and "Be quick." in shown  # and each rendered message
+    assert row.output and any(row.output.strip() in m.value for m in at.markdown)  # the streamed output
+    assert any(c.startswith(f"Execution #{row.id} · ok") for c in captions(at))
+    assert any(c.startswith("Ran 1 time · last ") for c in captions(at))  # usage follows from the ledger
 
 
 def test_typed_variables_and_clear_errors(app_env, pool, backend):
@@ -124,6 +141,17 @@ def test_free_form_prompt(app_env, pool, backend):
     assert row.messages is None and row.prompt == "Answer in French.\n\nHello!"
 
 
+def test_a_generation_error_is_one_clear_line_and_recorded(app_env, pool, backend):
+    at = open_playground(backend)
+    at.text_area(key="playground.run.prompt").input("word " * (backend.n_ctx + 10))
+    at.button(key="playground.run.go").click().run()
+    assert not at.exception
+    row = executions.list_executions(pool)[0]
+    assert row.status == "error" and "context holds" in row.error and row.output is None
+    shown = f"Execution #{row.id} · error · {row.model_name} · seed {row.seed} — {row.error}"
+    assert [e.value for e in at.tabs[0].error] == [shown]  # once in the Run tab (the Executions tab shows it too)
+
+
 def test_compare_two_columns(app_env, pool, backend, greet):
     at = open_playground(backend)
     at.selectbox(key="playground.cmp.0.version").set_value("v1")
@@ -137,8 +165,16 @@ def test_compare_two_columns(app_env, pool, backend, greet):
     assert first.params["temperature"] == 0.5 and second.params["temperature"] == 0.0
     assert first.variables == second.variables == {"name": "Grace"}
     assert "Say hello to Grace." in first.messages[-1]["content"] and "Wave at Grace." in second.messages[-1]["content"]
-    table = at.dataframe[0].value
+    table = frame(at, "execution")
     assert list(table["execution"]) == [first.id, second.id] and list(table["template"]) == ["greet@1", "greet@2"]
+    # What the user sees: each column's output, its status line and its figures.
+    assert [m.value for m in at.markdown if m.value.startswith("**greet@")] == [
+        f"**greet@1** · {first.model_name}", f"**greet@2** · {second.model_name}"]
+    for e in (first, second):
+        assert e.status == "ok" and any(c.startswith(f"Execution #{e.id} · ok") for c in captions(at))
+        assert e.output and any(e.output.strip() in m.value for m in at.markdown)
+    completion = [m.value for m in at.metric if m.label == "Completion tokens"]
+    assert str(first.completion_tokens) in completion and str(second.completion_tokens) in completion
     # Four columns: the other two follow the first template's defaults.
     at.radio(key="playground.cmp.n").set_value(4).run()
     assert not at.exception and at.selectbox(key="playground.cmp.3.template").value == "greet"
@@ -155,7 +191,7 @@ def test_a_failing_column_does_not_stop_the_others(app_env, pool, backend, greet
     failed, ok = executions.list_executions(pool)[::-1]
     assert (failed.status, failed.model_name, ok.status) == ("error", "down", "ok")
     assert [e for e in errors(at) if "did not answer" in e and f"#{failed.id}" in e]
-    assert list(at.dataframe[0].value["finish"]) == ["error", ok.finish_reason]
+    assert list(frame(at, "finish")["finish"]) == ["error", ok.finish_reason]
 
 
 def test_rerun_an_execution_from_the_ledger(app_env, pool, backend, greet):
@@ -164,16 +200,19 @@ def test_rerun_an_execution_from_the_ledger(app_env, pool, backend, greet):
     at = open_playground(backend)
     at.selectbox(key="playground.ledger.source").set_value("api").run()
     assert at.selectbox(key="playground.ledger.open").value == first
-    assert list(at.dataframe[0].value["id"]) == [first]
+    assert list(frame(at, "id")["id"]) == [first]
     at.button(key="playground.ledger.rerun").click().run()
     assert not at.exception and not errors(at)
-    assert any(f"reproduces #{first} exactly" in s.value for s in at.success)
     new = executions.list_executions(pool, rerun_of=first)[0]
+    assert [s.value for s in at.success] == [f"Identical output: execution #{new.id} reproduces #{first} exactly "
+                                             f"(seed {new.seed})."]
     assert new.output == executions.get_execution(pool, first).output and new.source == "rerun"
+    usage = frame(at, "runs")  # template usage follows from the ledger: two runs and the re-run
+    assert usage[usage["template"] == "greet"]["runs"].tolist() == [3]
     # Filters: version and status narrow the list.
     at.selectbox(key="playground.ledger.source").set_value("All")
     at.selectbox(key="playground.ledger.version").set_value(1).run()
-    assert list(at.dataframe[0].value["template"]) == ["greet@1"]
+    assert list(frame(at, "id")["template"]) == ["greet@1"]
     at.selectbox(key="playground.ledger.status").set_value("error").run()
     assert any("No executions match" in i.value for i in at.info)
 
@@ -188,6 +227,21 @@ def test_a_rerun_that_differs_says_so(app_env, pool, backend):
     at.button(key="playground.ledger.rerun").click().run()
     assert not at.exception
     assert any(f"does not reproduce #{eid}" in w.value for w in at.warning)
+
+
+def test_a_rerun_that_fails_is_one_clear_line(app_env, pool, backend):
+    from core.executions import Origin
+    from core.llm import GenerationParams
+
+    eid = executions.record(pool, origin=Origin("api"), status="ok", output="x", backend=backend,
+                            params=GenerationParams(max_tokens=3, seed=1),
+                            messages=[{"role": "user", "content": "word " * (backend.n_ctx + 10)}])
+    at = open_playground(backend)
+    at.button(key="playground.ledger.rerun").click().run()
+    assert not at.exception
+    new = executions.list_executions(pool, rerun_of=eid)[0]
+    assert new.status == "error" and "context holds" in new.error
+    assert errors(at) == [f"Re-run #{new.id} failed, so it does not reproduce #{eid}: {new.error}"]
 
 
 def test_generate_a_template_with_the_model_and_save_it(app_env, pool, backend):
