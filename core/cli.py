@@ -162,4 +162,7 @@ def _known_error(exc: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, so command modules and this one share one CLIError class.
+    from core.cli import main as _main
+
+    sys.exit(_main())

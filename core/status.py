@@ -12,7 +12,7 @@ from core.llm import Backend, GenerationParams
 
 # Dashboard figures that domain modules contribute: name -> function(conn) -> {label: number}.
 _figure_sources: dict[str, Callable[[Any], dict[str, int]]] = {}
-FIGURE_MODULES = ("core.executions", "core.conversations")
+FIGURE_MODULES = ("core.executions", "core.conversations", "core.evaluations")
 
 
 def register_figures(name: str, source: Callable[[Any], dict[str, int]]) -> None:
