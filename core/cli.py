@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from typing import Callable, Sequence
 
+from core import import_optional
 from core.config import Settings, SettingsError, load_settings
 
 # Domain modules that add subcommands with a `register(subparsers)` function; missing ones are skipped.
@@ -110,13 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_worker)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for module in import_optional(COMMAND_MODULES):
         module.register(sub)
     return parser
 

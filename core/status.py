@@ -51,14 +51,9 @@ def warm_up(backend: Backend, max_tokens: int = 32) -> dict[str, Any]:
 
 def dashboard_figures(pool: ConnectionPool) -> dict[str, int]:
     """Figures every registered domain contributes to the Home page."""
-    import importlib
+    from core import import_optional
 
-    for name in FIGURE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+    import_optional(FIGURE_MODULES)
     figures: dict[str, int] = {}
     with pool.connection() as conn:
         for source in _figure_sources.values():

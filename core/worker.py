@@ -38,14 +38,9 @@ def worker_id() -> str:
 
 
 def _load_sources() -> dict[str, TaskSource]:
-    import importlib
+    from core import import_optional
 
-    for name in SOURCE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+    import_optional(SOURCE_MODULES)
     return dict(_sources)
 
 
