@@ -2,7 +2,8 @@
 
 Prints (1) per-turn time of send_message vs executions.start with the same rendered messages and parameters
 (interleaved, medians, ratio), (2) the model-free flow (halted conversation → paused reply) in messages/s, one
-thread and 8 threads, against a bare executions.record baseline, (3) context assembly with a 200-message history.
+thread and 8 threads, against a bare executions.record baseline, (3) trimming a history past the window, (4) the
+flow overhead of an output redact rule (buffered reply, redacted ledger output).
 Uses a scratch database on the test server under data/test/postgres. Run: .venv/bin/python bench/conversations.py
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import conversations, db, executions, llm  # noqa: E402
+from core import conversations, db, executions, guardrails, llm  # noqa: E402
 from core.config import PROJECT_ROOT, Settings, load_settings  # noqa: E402
 from core.executions import Origin  # noqa: E402
 from core.llm import GenerationParams  # noqa: E402
@@ -116,6 +117,23 @@ def run(pool, backend, settings) -> None:
               f"{results[mode] * 1000:.0f} ms per turn (median of {turns}, 1 token), {reply.context_messages} kept")
     print(f"stable-start trimming vs strict: ratio {results['stable'] / results['strict']:.2f} "
           f"({results['strict'] / results['stable']:.1f}x faster)")
+
+    # (4) an output redact rule: the reply is checked before it is sent and the ledger keeps the redacted text
+    def overhead(tag: str) -> float:
+        extra = []
+        for i in range(ROUNDS):
+            started = time.perf_counter()
+            reply = conversations.send_message(pool, backend, settings, f"{tag}{i}", "Write an e-mail address.",
+                                               params=PARAMS)
+            extra.append(time.perf_counter() - started
+                         - executions.get_execution(pool, reply.execution_id).total_ms / 1000)
+        return statistics.median(extra)
+
+    plain = overhead("plain")
+    guardrails.create_rule(pool, "bench emails", "email", direction="output", action="redact")
+    redacting = overhead("redact")
+    print(f"output redact rule: flow overhead {redacting * 1000:.1f} ms per turn vs {plain * 1000:.1f} ms without "
+          f"(reply checked before sending, ledger output redacted)")
 
 
 if __name__ == "__main__":

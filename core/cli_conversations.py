@@ -115,6 +115,10 @@ def _send(args: argparse.Namespace, settings: Settings) -> int:
             sys.stdout.flush()
     print()
     reply = stream.reply
+    if reply.status == "error":  # the user got the safe error reply; the operator gets the reason and a failure
+        print(f"promptdev: the reply failed: {reply.error or 'unknown error'} (execution {reply.execution_id})",
+              file=sys.stderr)
+        return 1
     if reply.status != "ok":
         print(f"[{reply.status}]" + (f" {reply.error}" if reply.error else ""), file=sys.stderr)
     return 0

@@ -12,10 +12,17 @@ One conversation per user id. The flow of one message (`stream_message`, `send_m
 3. Assemble the context: the user's memory and the recent history (user messages, replies and operator
    injections), fitted to the model's context window by token count, most recent kept; render the assigned template
    version with `user_id`, `message`, `user_context`, `conversation_history` and every memory key.
-4. Generate through the ledger (`core.executions`), check output guardrails, store the reply, return it.
+4. Generate through the ledger (`core.executions`), check output guardrails, store the reply, return it. A halt
+   issued after the message was stored but before its reply began (it waited for the shared model behind other
+   replies) stops the model at its first token: the user gets PAUSED_REPLY and nothing the model said.
 
 While output rules that block, redact or halt apply to a conversation, a streamed reply is checked before any of it
-is sent (it arrives as one chunk); otherwise it streams token by token. The ledger keeps the model's raw output.
+is sent (it arrives as one chunk); otherwise it streams token by token. The ledger keeps the model's output as
+produced — except that what an output `redact` rule matches is replaced there too, so it is never stored anywhere.
+
+Errors are typed: `ConversationError` (a ValueError: bad input, with the reason in one line), `ConversationNotFound`
+(also a LookupError) and `ConversationStateError` (halting a halted conversation, …). `connect()` gives the same API
+bound to one workbench, with the issue's signatures: `api.send_message(user_id, text)`, `api.halt_conversation(…)`.
 """
 
 from __future__ import annotations
@@ -69,6 +76,20 @@ DEFAULT_TEMPLATE_MESSAGES = [
     {"role": "user", "content": "{{ message }}"},
 ]
 DEFAULT_TEMPLATE_PARAMS = {"max_tokens": 200, "temperature": 0.7}
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+
+class ConversationError(ValueError):
+    """A conversation request cannot be carried out as given; the message says why in one line."""
+
+
+class ConversationNotFound(ConversationError, LookupError):
+    """The user has no conversation (or the message, memory key … asked for does not exist)."""
+
+
+class ConversationStateError(ConversationError):
+    """The conversation is not in a state that allows the action (halting a halted one, resuming an active one)."""
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
@@ -157,7 +178,7 @@ class Message:
 
 @dataclass(frozen=True)
 class FlaggedMessage:
-    """A message a flag rule marked for review."""
+    """A message a flag rule marked for review (`execution_id`: of the reply, or of the reply to a user message)."""
 
     id: int
     user_id: str
@@ -217,39 +238,40 @@ def _spec(name: str | None, label: str | None, version: int | None) -> str:
 def check_user_id(user_id: Any) -> str:
     """A user id without surrounding spaces, 1-200 printable characters; ValueError otherwise."""
     if not isinstance(user_id, str):
-        raise ValueError("a user id must be text")
+        raise ConversationError("a user id must be text")
     user_id = user_id.strip()
     if not user_id:
-        raise ValueError("a user id is required")
+        raise ConversationError("a user id is required")
     if len(user_id) > MAX_USER_ID_CHARS:
-        raise ValueError(f"a user id is at most {MAX_USER_ID_CHARS} characters")
+        raise ConversationError(f"a user id is at most {MAX_USER_ID_CHARS} characters")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in user_id):
-        raise ValueError("a user id cannot contain control characters")
+        raise ConversationError("a user id cannot contain control characters")
     return user_id
 
 
 def _check_text(text: Any, what: str = "message") -> str:
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"the {what} is empty")
+        raise ConversationError(f"the {what} is empty")
     if len(text) > MAX_MESSAGE_CHARS:
-        raise ValueError(f"the {what} is longer than {MAX_MESSAGE_CHARS:,} characters")
+        raise ConversationError(f"the {what} is longer than {MAX_MESSAGE_CHARS:,} characters")
     return text.strip()
 
 
 def _check_operator(operator: Any) -> str:
     operator = operator.strip() if isinstance(operator, str) else ""
     if not operator:
-        raise ValueError("an operator name is required")
+        raise ConversationError("an operator name is required")
     return operator[:200]
 
 
 def check_memory_key(key: Any) -> str:
     """A memory key usable as a template variable; ValueError otherwise."""
     if not isinstance(key, str) or not _MEMORY_KEY.fullmatch(key.strip()):
-        raise ValueError("a memory key is 1-64 letters, digits or '_', not starting with a digit (e.g. favourite_food)")
+        raise ConversationError("a memory key is 1-64 letters, digits or '_', not starting with a digit "
+                                "(e.g. favourite_food)")
     key = key.strip()
     if key in RESERVED_VARIABLES:
-        raise ValueError(f"{key!r} is reserved for the chat flow; choose another memory key")
+        raise ConversationError(f"{key!r} is reserved for the chat flow; choose another memory key")
     return key
 
 
@@ -258,14 +280,15 @@ def parse_json_value(text: str) -> Any:
     try:
         return json.loads(text)
     except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f'the value must be JSON — e.g. "Alice" (quoted), 42, true or ["tea", "cake"]: {exc}') from None
+        raise ConversationError(f'the value must be JSON — e.g. "Alice" (quoted), 42, true or ["tea", "cake"]: '
+                                f'{exc}') from None
 
 
 def _json_value(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"the value must be JSON-serialisable: {exc}") from None
+        raise ConversationError(f"the value must be JSON-serialisable: {exc}") from None
 
 
 def _observe(hits: Sequence[guardrails.Hit] = (), *, template: str | None = None, model: str | None = None,
@@ -299,7 +322,7 @@ def _lock(conn: psycopg.Connection, user_id: str, *, create: bool) -> Conversati
 def _lock_existing(conn: psycopg.Connection, user_id: str) -> Conversation:
     conv = _lock(conn, user_id, create=False)
     if conv is None:
-        raise LookupError(f"no conversation for user {user_id!r}")
+        raise ConversationNotFound(f"no conversation for user {user_id!r}")
     return conv
 
 
@@ -342,7 +365,7 @@ def get_conversation(pool: ConnectionPool, user_id: str) -> Conversation:
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Conversation)) as cur:
         row = cur.execute(f"SELECT {_CONV_COLUMNS} FROM conversations WHERE user_id = %s", (user_id,)).fetchone()
     if row is None:
-        raise LookupError(f"no conversation for user {user_id!r}")
+        raise ConversationNotFound(f"no conversation for user {user_id!r}")
     return row
 
 
@@ -350,7 +373,7 @@ def find_conversation(pool: ConnectionPool, user_id: str) -> Conversation | None
     """A user's conversation, or None when the user has not chatted yet."""
     try:
         return get_conversation(pool, user_id)
-    except LookupError:
+    except ConversationNotFound:
         return None
 
 
@@ -363,8 +386,8 @@ def halt_conversation(pool: ConnectionPool, user_id: str, reason: str, operator:
     with pool.connection() as conn, conn.transaction():
         conv = _lock_existing(conn, user_id)
         if conv.halted:
-            raise ValueError(f"the conversation of {user_id!r} is already halted (by {conv.halted_by}: "
-                             f"{conv.halted_reason})")
+            raise ConversationStateError(f"the conversation of {user_id!r} is already halted "
+                                         f"(by {conv.halted_by}: {conv.halted_reason})")
         _halt(conn, conv.id, reason, operator)
     _observe(template=conv.template_name, halted_by="operator")
     return get_conversation(pool, user_id)
@@ -376,7 +399,7 @@ def resume_conversation(pool: ConnectionPool, user_id: str, operator: str) -> Co
     with pool.connection() as conn, conn.transaction():
         conv = _lock_existing(conn, user_id)
         if not conv.halted:
-            raise ValueError(f"the conversation of {user_id!r} is not halted")
+            raise ConversationStateError(f"the conversation of {user_id!r} is not halted")
         conn.execute("UPDATE conversations SET state = 'active', halted_reason = NULL, halted_by = NULL, "
                      "halted_at = NULL WHERE id = %s", (conv.id,))
         _audit(conn, conv.id, "resume", operator, detail={"halted_by": conv.halted_by,
@@ -405,9 +428,9 @@ def assign_template(pool: ConnectionPool, user_id: str, template_name: str | Non
     template_name = (template_name or "").strip() or None
     label = (label or "").strip() or None
     if template_name is None and (label or version):
-        raise ValueError("give a template name with a label or version")
+        raise ConversationError("give a template name with a label or version")
     if label and version:
-        raise ValueError("give a label or a version, not both")
+        raise ConversationError("give a label or a version, not both")
     if template_name is not None:
         templates.get_template_by_name(pool, template_name, label=label, version=version)
     with pool.connection() as conn, conn.transaction():
@@ -426,11 +449,11 @@ def mark_reviewed(pool: ConnectionPool, message_id: int, operator: str) -> None:
         row = conn.execute("SELECT conversation_id, flagged, reviewed_at FROM conversation_messages WHERE id = %s "
                            "FOR UPDATE", (message_id,)).fetchone()
         if row is None:
-            raise LookupError(f"no message with id {message_id}")
+            raise ConversationNotFound(f"no message with id {message_id}")
         if not row[1]:
-            raise ValueError(f"message {message_id} is not flagged")
+            raise ConversationStateError(f"message {message_id} is not flagged")
         if row[2] is not None:
-            raise ValueError(f"message {message_id} was already reviewed")
+            raise ConversationStateError(f"message {message_id} was already reviewed")
         conn.execute("UPDATE conversation_messages SET reviewed_by = %s, reviewed_at = clock_timestamp() WHERE id = %s",
                      (operator, message_id))
         _audit(conn, row[0], "review", operator, message_id=message_id)
@@ -475,7 +498,7 @@ def delete_memory(pool: ConnectionPool, user_id: str, key: str, *, operator: str
             "DELETE FROM conversation_memory WHERE conversation_id = %s AND key = %s RETURNING value",
             (conv.id, key)).fetchone()
         if old is None:
-            raise LookupError(f"user {user_id!r} has no memory key {key!r}")
+            raise ConversationNotFound(f"user {user_id!r} has no memory key {key!r}")
         if operator:
             _audit(conn, conv.id, "delete_memory", _check_operator(operator), detail={"key": key, "from": old[0]})
 
@@ -492,7 +515,8 @@ def format_memory(memory: Mapping[str, Any]) -> str:
 # ---- templates and context ---------------------------------------------------------------------------------------
 
 def ensure_default_template(pool: ConnectionPool, name: str) -> Any:
-    """The template `name`, created as the default companion template when it does not exist yet."""
+    """The template `name`, created as the default companion template (version 1 labelled `production`, which is
+    what conversations use) when it does not exist yet."""
     from core import templates
 
     try:
@@ -500,12 +524,16 @@ def ensure_default_template(pool: ConnectionPool, name: str) -> Any:
     except templates.TemplateNotFound:
         pass
     try:
-        templates.create_template(
-            pool, name, DEFAULT_TEMPLATE_MESSAGES, description="Default companion for the Chat page (created on first use)",
-            category="chat", tags=("companion",), created_by="promptdev", params=DEFAULT_TEMPLATE_PARAMS,
+        created = templates.create_template(
+            pool, name, DEFAULT_TEMPLATE_MESSAGES,
+            description="Default companion for the Chat page (created on first use)", category="chat",
+            tags=("companion",), created_by="promptdev", params=DEFAULT_TEMPLATE_PARAMS,
             change_description="Default companion template, created on first chat")
     except templates.TemplateExists:
         pass  # another session created it first
+    else:
+        # Later edits make new versions; live conversations stay on production until an operator moves the label.
+        templates.set_label(pool, name, "production", created.version, moved_by="promptdev")
     return templates.get_template_by_name(pool, name)
 
 
@@ -633,6 +661,34 @@ def assemble_context(pool: ConnectionPool, backend: Backend, *, template_name: s
 
 # ---- the flow of one message -------------------------------------------------------------------------------------
 
+class _ChatRun(executions.ExecutionRun):
+    """A ledger run whose recorded output has the output `redact` rules applied, so text a redact rule removes from
+    a reply never reaches the ledger (nor the analytics exports made from it). `raw_output` is what the model said."""
+
+    def __init__(self, *args: Any, ledger_text: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._ledger_text = ledger_text
+
+    @property
+    def raw_output(self) -> str:
+        """Text generated so far, as the model produced it."""
+        return self.generation.text if self.generation else ""
+
+    @property
+    def output(self) -> str:
+        """Text generated so far with redactions applied (what the ledger records)."""
+        raw = self.raw_output
+        return self._ledger_text(raw) if self._ledger_text is not None and raw else raw
+
+
+def ledger_output(rules: Sequence[guardrails.Rule], output: str | None, template_name: str | None) -> str | None:
+    """A reply as the ledger may keep it: what the output `redact` rules match is replaced; other actions keep it."""
+    if not output:
+        return output
+    redacting = [r for r in rules if r.action == "redact"]
+    return guardrails.check(redacting, output, "output", template_name).text if redacting else output
+
+
 class MessageStream:
     """A reply being produced for one stored user message: iterate it for text chunks (hand it to
     `st.write_stream` inside `with stream:`). When it ends — or is closed early, which stops the model and keeps what
@@ -655,6 +711,7 @@ class MessageStream:
         self.run: executions.ExecutionRun | None = None
         self.reply: Reply | None = None
         self.context_messages = self.context_dropped = 0
+        self.withheld: str | None = None  # the halt reason when a halt came before the reply began
         self._chunks = self._flow()
 
     # -- iteration
@@ -703,10 +760,16 @@ class MessageStream:
         buffered = self.buffered
         try:
             with self.run:
-                if buffered:
-                    self.run.read()
-                else:
-                    for chunk in self.run:
+                first = True
+                for chunk in self.run:
+                    if first:
+                        # The model is ours now (it may have been busy with other replies for a while): a halt
+                        # issued since the message was stored stops this reply before any of it is sent.
+                        first = False
+                        self.withheld = self._halted_meanwhile()
+                        if self.withheld is not None:
+                            break  # leaving `with` stops the model; the ledger records the run as cancelled
+                    if not buffered:
                         yield chunk
         except GenerationError:
             pass  # the ledger has it as status 'error'
@@ -715,6 +778,15 @@ class MessageStream:
         if self.reply.status == "error" or buffered or self.reply.status in ("blocked", "paused"):
             if self.reply.text:
                 yield self.reply.text
+
+    def _halted_meanwhile(self) -> str | None:
+        """The halt reason if the conversation has been halted since this message was stored, else None."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT state, halted_reason FROM conversations WHERE id = %s",
+                               (self.conversation.id,)).fetchone()
+        if row is None or row[0] != "halted":
+            return None
+        return row[1] or "halted"
 
     def _start(self) -> executions.ExecutionRun:
         """Steps 3-4: memory and history, template rendered to fit, the ledger run begun (not yet iterated)."""
@@ -736,8 +808,8 @@ class MessageStream:
         n_ctx = self.backend.n_ctx or self.settings.n_ctx
         budget = self.context_budget if self.context_budget is not None else n_ctx - params.max_tokens - 1
         if budget < 16:
-            raise ValueError(f"the context budget of {budget} tokens leaves no room for a prompt "
-                             f"(context {n_ctx}, max_tokens {params.max_tokens})")
+            raise ConversationError(f"the context budget of {budget} tokens leaves no room for a prompt "
+                                    f"(context {n_ctx}, max_tokens {params.max_tokens})")
         ctx = assemble_context(self.pool, self.backend, template_name=self.template_name, label=conv.template_label,
                                version=conv.template_version, user_id=self.user_id, message=self.text, memory=memory,
                                history=history, budget=budget, complete=len(history) < HISTORY_LIMIT,
@@ -745,7 +817,9 @@ class MessageStream:
         _start_hints.set(conv, ctx.start_seq)
         self.context_messages, self.context_dropped = ctx.kept, ctx.dropped
         origin = Origin.from_rendered(ctx.rendered, "chat", user_id=self.user_id)
-        return executions.start(self.pool, self.backend, origin=origin, params=params, messages=ctx.rendered.messages)
+        redacts = any(r.applies("output", self.template_name) and r.action == "redact" for r in self.rules)
+        redact = (lambda raw: ledger_output(self.rules, raw, self.template_name)) if redacts else None
+        return _ChatRun(self.pool, self.backend, origin, params, ctx.rendered.messages, None, ledger_text=redact)
 
     def _refuse(self) -> str:
         """Step 2 (or an input block): a fixed reply, recorded in the ledger as 'blocked' without the model."""
@@ -785,7 +859,16 @@ class MessageStream:
             return Reply(ERROR_REPLY, "error", self.user_message_id, message_id, execution_id,
                          self.input_check.hits, self.input_check.flagged, error=run.error,
                          context_messages=self.context_messages, context_dropped=self.context_dropped)
-        out = guardrails.check(self.rules, run.output, "output", self.template_name)
+        if self.withheld is not None:  # halted while the reply waited for the model: paused, nothing sent
+            error = f"conversation paused: {self.withheld}"
+            redacted = ledger_output(self.rules, run.raw_output, self.template_name)
+            message_id = self._store(kind="paused", content=PAUSED_REPLY, status="paused", execution_id=execution_id,
+                                     in_context=False, withdraw_message=True, ledger_error=error,
+                                     ledger_output=redacted if redacted != run.raw_output else None)
+            return Reply(PAUSED_REPLY, "paused", self.user_message_id, message_id, execution_id,
+                         self.input_check.hits, self.input_check.flagged, error=error,
+                         context_messages=self.context_messages, context_dropped=self.context_dropped)
+        out = guardrails.check(self.rules, run.raw_output, "output", self.template_name)
         halt_reason = None
         if out.halted:
             kind, text, status, in_context, halt_reason = "paused", PAUSED_REPLY, "paused", False, out.reason()
@@ -794,7 +877,8 @@ class MessageStream:
         else:
             kind, text, in_context = "reply", out.text, bool(out.text.strip())
         message_id = self._store(kind=kind, content=text, status=status, execution_id=execution_id,
-                                 in_context=in_context, flagged=out.flagged, hits=out.hits, halt_reason=halt_reason)
+                                 in_context=in_context, flagged=out.flagged, hits=out.hits, halt_reason=halt_reason,
+                                 ledger_output=out.text if out.redacted else None)
         return Reply(text, status, self.user_message_id, message_id, execution_id,
                      self.input_check.hits + out.hits, self.input_check.flagged or out.flagged,
                      context_messages=self.context_messages, context_dropped=self.context_dropped)
@@ -805,18 +889,32 @@ class MessageStream:
                            self.input_check.flagged)
 
     def _store(self, *, kind: str, content: str, status: str, execution_id: int | None, in_context: bool,
-               flagged: bool = False, hits: Sequence[guardrails.Hit] = (), halt_reason: str | None = None) -> int:
-        """Store the reply in order, link the input hits to the execution, record output hits, halt if asked."""
+               flagged: bool = False, hits: Sequence[guardrails.Hit] = (), halt_reason: str | None = None,
+               ledger_output: str | None = None, withdraw_message: bool = False,
+               ledger_error: str | None = None) -> int:
+        """Store the reply in order, link the input hits to the execution, record output hits, halt if asked; with
+        `ledger_output`, make sure the execution's recorded output is the redacted one (in the same transaction);
+        `withdraw_message` leaves the user message out of later contexts (it was paused after it was stored);
+        `ledger_error` says in the execution's record why its run was stopped."""
         with self.pool.connection() as conn, conn.transaction():
             conv = _lock(conn, self.user_id, create=False)
             if conv is None:  # purged while the reply was generated: nothing to attach it to
-                raise LookupError(f"the conversation of {self.user_id!r} was deleted while replying")
+                raise ConversationNotFound(f"the conversation of {self.user_id!r} was deleted while replying")
+            if withdraw_message:
+                conn.execute("UPDATE conversation_messages SET in_context = false WHERE id = %s",
+                             (self.user_message_id,))
             message_id, _ = _append(conn, conv.id, role="assistant", kind=kind, content=content, in_context=in_context,
                                     reply_to=self.user_message_id, execution_id=execution_id, status=status,
                                     flagged=flagged)
             if execution_id is not None:
                 conn.execute("UPDATE guardrail_events SET execution_id = %s WHERE message_id = %s "
                              "AND execution_id IS NULL", (execution_id, self.user_message_id))
+                if ledger_output is not None:
+                    conn.execute("UPDATE executions SET output = %s WHERE id = %s AND output IS DISTINCT FROM %s",
+                                 (ledger_output, execution_id, ledger_output))
+                if ledger_error is not None:
+                    conn.execute("UPDATE executions SET error = %s WHERE id = %s AND error IS NULL",
+                                 (ledger_error, execution_id))
             guardrails.record_hits(conn, hits, user_id=self.user_id, conversation_id=conv.id, message_id=message_id,
                                    execution_id=execution_id)
             halting = bool(halt_reason) and not conv.halted
@@ -835,7 +933,10 @@ def stream_message(pool: ConnectionPool, backend: Backend, settings: Settings, u
     model's context minus max_tokens)."""
     user_id, text = check_user_id(user_id), _check_text(text)
     overrides = dict(params or {})
-    GenerationParams.from_dict(overrides)  # refuse bad parameters before anything is stored
+    try:
+        GenerationParams.from_dict(overrides)  # refuse bad parameters before anything is stored
+    except ValueError as exc:
+        raise ConversationError(str(exc)) from None
     with pool.connection() as conn, conn.transaction():
         conv = _lock(conn, user_id, create=True)
         template_name = conv.template_name or settings.default_template
@@ -865,6 +966,74 @@ def send_message(pool: ConnectionPool, backend: Backend, settings: Settings, use
     with stream_message(pool, backend, settings, user_id, text, params=params,
                         context_budget=context_budget) as stream:
         return stream.read()
+
+
+# ---- the API bound to one workbench ------------------------------------------------------------------------------
+
+class Conversations:
+    """The conversation API for an application that embeds the workbench, with the issue's signatures; it runs the
+    same flow as the Chat and Monitor pages. Get one with `connect()`; the model is loaded on the first message."""
+
+    def __init__(self, pool: ConnectionPool, settings: Settings, backend: Backend | None = None):
+        self.pool, self.settings = pool, settings
+        self._backend = backend
+        self._backend_lock = threading.Lock()
+
+    @property
+    def backend(self) -> Backend:
+        """The model backend (loaded once per process for these settings)."""
+        with self._backend_lock:
+            if self._backend is None:
+                from core import llm
+
+                self._backend = llm.get_backend(self.settings)
+            return self._backend
+
+    def send_message(self, user_id: str, text: str, **kw: Any) -> Reply:
+        """Run the whole flow for one user message; the Reply (its `text` is what the user is shown)."""
+        return send_message(self.pool, self.backend, self.settings, user_id, text, **kw)
+
+    def stream_message(self, user_id: str, text: str, **kw: Any) -> MessageStream:
+        """The streaming variant: iterate the result for text chunks (`with` it); `.reply` is set at the end."""
+        return stream_message(self.pool, self.backend, self.settings, user_id, text, **kw)
+
+    def halt_conversation(self, user_id: str, reason: str, operator: str) -> Conversation:
+        """Halt: the very next user message gets the paused reply without the model."""
+        return halt_conversation(self.pool, user_id, reason, operator)
+
+    def resume_conversation(self, user_id: str, operator: str) -> Conversation:
+        """Resume a halted conversation."""
+        return resume_conversation(self.pool, user_id, operator)
+
+    def inject_message(self, user_id: str, text: str, operator: str) -> int:
+        """An operator message the AI sees from its next turn; its message id."""
+        return inject_message(self.pool, user_id, text, operator)
+
+    def get_memory(self, user_id: str) -> dict[str, Any]:
+        """The user's memory as {key: JSON value}."""
+        return get_memory(self.pool, user_id)
+
+    def set_memory(self, user_id: str, key: str, value: Any, *, operator: str = "") -> None:
+        """Set one memory key to a JSON value."""
+        set_memory(self.pool, user_id, key, value, operator=operator)
+
+    def delete_memory(self, user_id: str, key: str, *, operator: str = "") -> None:
+        """Delete one memory key (ConversationNotFound when it is not set)."""
+        delete_memory(self.pool, user_id, key, operator=operator)
+
+
+def connect(settings: Settings | None = None, *, pool: ConnectionPool | None = None,
+            backend: Backend | None = None) -> Conversations:
+    """The conversation API for the configured workbench (settings from the environment unless given)."""
+    if settings is None:
+        from core.config import load_settings
+
+        settings = load_settings()
+    if pool is None:
+        from core import db
+
+        pool = db.get_pool(settings)
+    return Conversations(pool, settings, backend)
 
 
 # ---- reading: conversation view and monitor ----------------------------------------------------------------------
@@ -911,9 +1080,9 @@ def list_conversations(pool: ConnectionPool, *, state: str | None = None, search
                        limit: int = 1000) -> list[ConversationSummary]:
     """Every conversation with message count, last activity, template, state and flagged count; filtered, sorted."""
     if state is not None and state not in STATES:
-        raise ValueError(f"unknown state {state!r}; choose one of {', '.join(STATES)}")
+        raise ConversationError(f"unknown state {state!r}; choose one of {', '.join(STATES)}")
     if sort not in SORTS:
-        raise ValueError(f"unknown sort {sort!r}; choose one of {', '.join(SORTS)}")
+        raise ConversationError(f"unknown sort {sort!r}; choose one of {', '.join(SORTS)}")
     where, args = [], []
     if state is not None:
         where.append("c.state = %s")
@@ -960,8 +1129,10 @@ def flagged_messages(pool: ConnectionPool, *, include_reviewed: bool = False, us
         args.append(check_user_id(user_id))
     with pool.connection() as conn, conn.cursor(row_factory=class_row(FlaggedMessage)) as cur:
         return cur.execute(
-            f"""SELECT m.id, c.user_id, m.seq, m.role, m.content, m.execution_id, m.created_at, m.reviewed_by,
-                       m.reviewed_at,
+            f"""SELECT m.id, c.user_id, m.seq, m.role, m.content,
+                       COALESCE(m.execution_id, (SELECT r.execution_id FROM conversation_messages r
+                                                 WHERE r.reply_to = m.id ORDER BY r.seq LIMIT 1)) AS execution_id,
+                       m.created_at, m.reviewed_by, m.reviewed_at,
                        COALESCE((SELECT json_agg(DISTINCT e.rule_name) FROM guardrail_events e
                                  WHERE e.message_id = m.id AND e.action = 'flag'), '[]'::json) AS rules
                 FROM conversation_messages m JOIN conversations c ON c.id = m.conversation_id
@@ -995,6 +1166,12 @@ def dashboard_figures(conn: psycopg.Connection) -> dict[str, int]:
 status.register_figures("conversations", dashboard_figures)
 
 
+def overview_figures(pool: ConnectionPool) -> dict[str, int]:
+    """The dashboard figures of conversations alone (for the Monitor page)."""
+    with pool.connection() as conn:
+        return dashboard_figures(conn)
+
+
 # ---- retention ---------------------------------------------------------------------------------------------------
 
 def _purge(conn: psycopg.Connection, older_than_days: int, trigger: str, operator: str) -> dict[str, int]:
@@ -1019,7 +1196,7 @@ def purge_conversations(pool: ConnectionPool, older_than_days: int, *, operator:
     """Delete conversations idle for more than N days with their messages, memory, events and audit trail (the
     execution ledger keeps its records); {'conversations', 'messages', 'memory'} counts."""
     if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) or older_than_days < 1:
-        raise ValueError(f"older_than_days must be a whole number of at least 1, got {older_than_days!r}")
+        raise ConversationError(f"older_than_days must be a whole number of at least 1, got {older_than_days!r}")
     with pool.connection() as conn, conn.transaction():
         return _purge(conn, older_than_days, "manual", operator)
 

@@ -1,7 +1,8 @@
 """Chat: an end user identifies with a user id and talks to the companion on the template an operator assigned.
 
-History is loaded from the database, so it survives reloads; replies stream in. Operator injections are for the AI
-and are not shown here; a halted conversation answers with a "paused" notice.
+History is loaded from the database, so it survives reloads (the user id is kept in the address, `?user=…`, so a
+browser reload comes back to the same conversation); replies stream in. Operator injections are for the AI and are
+not shown here; a halted conversation answers with a "paused" notice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pages import glue
 # Widget / session-state keys.
 KEY_USER_ID = "chat.user_id"
 KEY_INPUT = "chat.input"
+QUERY_USER = "user"  # the address keeps the user id: a reload returns to the same conversation
 HISTORY_SHOWN = 200
 
 st.title("Chat")
@@ -21,9 +23,12 @@ st.title("Chat")
 settings = glue.settings()
 pool = glue.pool()
 
+if KEY_USER_ID not in st.session_state and st.query_params.get(QUERY_USER):
+    st.session_state[KEY_USER_ID] = st.query_params[QUERY_USER]
 user_id = st.text_input("Your user id", key=KEY_USER_ID, placeholder="e.g. alice",
                         help="Identifies you: your conversation and memory are kept under this id.")
 if not user_id.strip():
+    st.query_params.pop(QUERY_USER, None)
     st.info("Enter a user id to start chatting.")
     st.stop()
 try:
@@ -31,6 +36,8 @@ try:
 except ValueError as exc:
     glue.show_error(exc)
     st.stop()
+if st.query_params.get(QUERY_USER) != user_id:
+    st.query_params[QUERY_USER] = user_id
 
 AVATARS = {"user": "user", "assistant": "assistant"}
 NOTICE_KINDS = {"paused": "⏸️", "blocked": "🛡️", "error": "⚠️"}
@@ -58,14 +65,17 @@ with glue.reported():
 
 text = st.chat_input("Message", key=KEY_INPUT, max_chars=conversations.MAX_MESSAGE_CHARS)
 if text:
-    with st.chat_message("user"):
-        st.markdown(text)
-    with st.chat_message("assistant"), glue.reported():
-        backend = glue.backend()
-        stream = conversations.stream_message(pool, backend, settings, user_id, text)
-        with stream:  # leaving early (the user navigates away) stops the model and stores what was produced
-            st.write_stream(stream)
-        reply = stream.reply
-        if reply is not None and reply.status in ("paused", "blocked", "error"):
-            st.caption({"paused": "This conversation is paused.", "blocked": "Your message was not delivered.",
-                        "error": "The reply failed; an operator can see why."}[reply.status])
+    backend = glue.backend()
+    stream = None
+    with glue.reported():
+        stream = conversations.stream_message(pool, backend, settings, user_id, text)  # stores the message
+    if stream is not None:
+        with st.chat_message("user"):
+            st.markdown(stream.text)  # as stored: after any redaction
+        with st.chat_message("assistant"), glue.reported():
+            with stream:  # leaving early (the user navigates away) stops the model and stores what was produced
+                st.write_stream(stream)
+            reply = stream.reply
+            if reply is not None and reply.status in ("paused", "blocked", "error"):
+                st.caption({"paused": "This conversation is paused.", "blocked": "Your message was not delivered.",
+                            "error": "The reply failed; an operator can see why."}[reply.status])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 from typing import Any, Callable
 
 import altair as alt
@@ -59,6 +60,8 @@ KEY_PURGE_CONFIRM = "monitor.purge_confirm"
 KEY_PURGE = "monitor.purge"
 
 REFRESH_S = 2
+USERS_LISTED = 1000  # conversations offered in the picker (most recently active first)
+MESSAGES_SHOWN = 300  # newest messages in the conversation view
 ALL = "All"
 GLOBAL_SCOPE = "Every conversation"
 DEFAULT_TEMPLATE = "(configured default)"
@@ -109,6 +112,22 @@ tab_conv, tab_flagged, tab_rules, tab_retention = st.tabs(["Conversations", "Fla
 
 # ---- conversations ------------------------------------------------------------------------------------------------
 
+def activity_chart(activity: list[dict[str, Any]]) -> alt.Chart:
+    """Messages per hour over the last 24 hours (every hour shown, local time), stacked by sender."""
+    local = datetime.now().astimezone().tzinfo
+    hours = pd.date_range(end=pd.Timestamp.now(tz=local).floor("h"), periods=24, freq="h")
+    labels = [h.strftime("%H:00") for h in hours]
+    df = pd.DataFrame(activity)
+    df["hour"] = pd.to_datetime(df["hour"], utc=True).dt.tz_convert(local)
+    df = df[df["hour"] >= hours[0]].assign(label=lambda d: d["hour"].dt.strftime("%H:00"))
+    return alt.Chart(df).mark_bar().encode(
+        x=alt.X("label:O", title="Hour", scale=alt.Scale(domain=labels), axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("messages:Q", title="Messages"), color=alt.Color("sender:N", title="From"),
+        tooltip=[alt.Tooltip("label:O", title="Hour"), alt.Tooltip("sender:N", title="From"),
+                 alt.Tooltip("messages:Q", title="Messages")],
+    ).properties(height=160, title="Messages in the last 24 hours")
+
+
 def show_message(m: conversations.Message) -> None:
     """One message, marking injections, notices, flags and guardrail events."""
     if m.is_injection:
@@ -132,7 +151,7 @@ def show_message(m: conversations.Message) -> None:
 
 
 with tab_conv:
-    c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 1.5, 1.2], vertical_alignment="bottom")
     search = c1.text_input("Search user id", key=KEY_SEARCH, placeholder="part of a user id")
     state = c2.selectbox("State", [ALL, *conversations.STATES], key=KEY_STATE)
     sort_label = c3.selectbox("Sort by", list(SORT_OPTIONS), key=KEY_SORT)
@@ -140,15 +159,21 @@ with tab_conv:
     live = c5.toggle("Live", value=True, key=KEY_LIVE, help=f"Refresh every {REFRESH_S} s while this page is open")
     run_every = REFRESH_S if live else None
 
+    all_users: list[str] | None = None
+    with glue.reported():
+        all_users = [r.user_id for r in conversations.list_conversations(pool, sort="last_activity",
+                                                                          limit=USERS_LISTED)]
+
     @st.fragment(run_every=run_every)
-    def overview() -> None:
+    def overview(known_users: int | None) -> None:
         """Figures, the list of conversations and recent activity; refreshes itself."""
         with glue.reported():
             sort, descending = SORT_OPTIONS[sort_label]
             rows = conversations.list_conversations(pool, state=None if state == ALL else state, search=search,
                                                     flagged_only=flagged_only, sort=sort, descending=descending)
-            with pool.connection() as conn:
-                figures = conversations.dashboard_figures(conn)
+            figures = conversations.overview_figures(pool)
+            if known_users is not None and known_users < USERS_LISTED and figures["Users"] != known_users:
+                st.rerun()  # a user appeared (or was purged): refresh the whole page so the picker offers them
             cols = st.columns(len(figures))
             for col, (label, value) in zip(cols, figures.items()):
                 col.metric(label, f"{value:,}")
@@ -169,40 +194,40 @@ with tab_conv:
             })
             activity = conversations.message_activity(pool, hours=24)
             if activity:
-                chart = alt.Chart(pd.DataFrame(activity)).mark_bar().encode(
-                    x=alt.X("hour:T", title="Hour"), y=alt.Y("messages:Q", title="Messages"),
-                    color=alt.Color("sender:N", title="From"), tooltip=["hour:T", "sender:N", "messages:Q"],
-                ).properties(height=160, title="Messages in the last 24 hours")
-                st.altair_chart(chart, width="stretch")
+                st.altair_chart(activity_chart(activity), width="stretch")
 
-    overview()
+    overview(None if all_users is None else len(all_users))
 
-    all_users = []
-    with glue.reported():
-        all_users = [r.user_id for r in conversations.list_conversations(pool, sort="last_activity")]
     if all_users:
         st.divider()
         if ss.get(KEY_USER) not in all_users:
             ss.pop(KEY_USER, None)
         user = st.selectbox("Conversation", all_users, key=KEY_USER, help="Most recently active first")
 
+        conv = conversations.find_conversation(pool, user)
+
         @st.fragment(run_every=run_every)
-        def conversation_view(user_id: str) -> None:
+        def conversation_view(user_id: str, shown_state: str | None) -> None:
             """Every message with injections and guardrail events marked, and the audit trail; refreshes itself."""
             with glue.reported():
                 conv = conversations.get_conversation(pool, user_id)
+                if conv.state != shown_state:
+                    st.rerun()  # halted by a guardrail or another operator: offer Resume instead of Halt
                 head, badge = st.columns([4, 1])
                 head.subheader(user_id)
                 with badge:
                     if conv.halted:
-                        st.badge("Halted", icon="🛑", color="red")
+                        st.badge("Halted", icon=":material/pause_circle:", color="red")
                     else:
-                        st.badge("Active", icon="🟢", color="green")
+                        st.badge("Active", icon=":material/play_circle:", color="green")
                 if conv.halted:
                     st.warning(f"Halted by {conv.halted_by} at {when(conv.halted_at)}: {conv.halted_reason}")
                 st.caption(f"Template: {conv.template_spec or settings.default_template + ' (configured default)'}"
                            f" · started {when(conv.created_at)} · last activity {when(conv.last_activity)}")
-                messages = conversations.list_messages(pool, user_id, limit=300)
+                messages = conversations.list_messages(pool, user_id, limit=MESSAGES_SHOWN)
+                if len(messages) == MESSAGES_SHOWN:
+                    st.caption(f"Showing the latest {MESSAGES_SHOWN} messages; `promptdev conversations show "
+                               f"{user_id}` prints them all.")
                 with st.container(height=460):
                     if not messages:
                         st.caption("No messages yet.")
@@ -218,9 +243,8 @@ with tab_conv:
                 else:
                     st.caption("No interventions yet.")
 
-        conversation_view(user)
+        conversation_view(user, conv.state if conv is not None else None)
 
-        conv = conversations.find_conversation(pool, user)
         if conv is not None:
             left, right = st.columns(2)
             with left:

@@ -56,6 +56,22 @@ def test_send_streams_a_reply(run, pool):
     assert user.content == "Say hi" and reply.kind == "reply" and out == reply.content + "\n"
 
 
+def test_a_failed_reply_exits_non_zero_with_one_line(run, pool):
+    from core import templates
+
+    templates.create_template(pool, "broken", [{"role": "user", "content": "{{ message | length > 'x' }}"}])
+    conversations.assign_template(pool, "ed", "broken", operator="ops")
+    code, out, err = run("conversations", "send", "ed", "hi", "--max-tokens", "2")
+    assert code == 1 and out == conversations.ERROR_REPLY + "\n"  # what the user was sent
+    assert err.startswith("promptdev: the reply failed: ") and err.count("\n") == 1 and "execution" in err
+    assert [m.kind for m in conversations.list_messages(pool, "ed")] == ["message", "error"]
+    # operator actions on a missing conversation: exit 1, one line, nothing created
+    for argv in (("halt", "ghost", "--reason", "x"), ("resume", "ghost"), ("inject", "ghost", "hello")):
+        code, out, err = run("conversations", *argv)
+        assert code == 1 and out == "" and err == "promptdev: no conversation for user 'ghost'\n"
+    assert conversations.find_conversation(pool, "ghost") is None
+
+
 def test_memory_assign_and_purge(run, pool):
     code, out, _ = run("conversations", "memory", "set", "cy", "likes", '["tea"]')
     assert code == 0 and conversations.get_memory(pool, "cy") == {"likes": ["tea"]}

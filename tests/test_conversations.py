@@ -4,8 +4,10 @@ concurrency, streaming, context trimming, retention and the dashboard figures.""
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 
 import pytest
@@ -27,9 +29,10 @@ def test_first_chat_creates_the_default_template_and_records_everything(pool, ba
     assert reply.status == "ok" and reply.text.strip()
     tv = templates.get_template_by_name(pool, settings.default_template)
     assert tv.version == 1 and "conversation_history" in tv.variables
+    assert templates.get_labels(pool, "companion")["production"] == 1  # what conversations use by default
     row = executions.get_execution(pool, reply.execution_id)
     assert (row.source, row.user_id, row.status) == ("chat", "ann", "ok")
-    assert (row.template_name, row.template_version, row.label) == ("companion", 1, "latest")
+    assert (row.template_name, row.template_version, row.label) == ("companion", 1, "production")
     assert row.output == reply.text and row.params["max_tokens"] == 6
     assert row.messages[-1] == {"role": "user", "content": "Hello, who are you?"}
     user_msg, answer = conversations.list_messages(pool, "ann")
@@ -45,6 +48,19 @@ def test_history_is_in_the_next_turns_context(pool, backend, settings):
     assert "User: My cat is called Biscuit." in context and f"Assistant: {first.text}" in context
     assert second.context_messages == 2 and second.context_dropped == 0
     assert "What is my cat called?" not in executions.get_execution(pool, first.execution_id).messages[0]["content"]
+
+
+def test_editing_the_default_template_does_not_change_live_chats_until_production_moves(pool, backend, settings):
+    conversations.send_message(pool, backend, settings, "al", "hi", params=FAST)  # creates companion v1 (production)
+    templates.update_template(pool, "companion", [{"role": "user", "content": "draft v2 {{ message }}"}])
+    reply = conversations.send_message(pool, backend, settings, "al", "hello", params=FAST)
+    row = executions.get_execution(pool, reply.execution_id)
+    assert (row.template_version, row.label) == (1, "production") and "draft v2" not in str(row.messages)
+    templates.set_label(pool, "companion", "production", 2)
+    reply = conversations.send_message(pool, backend, settings, "al", "hello", params=FAST)
+    row = executions.get_execution(pool, reply.execution_id)
+    assert (row.template_version, row.label) == (2, "production") and row.messages == [
+        {"role": "user", "content": "draft v2 hello"}]
 
 
 def test_production_label_is_preferred_and_assignments_are_audited(pool, backend, settings):
@@ -82,13 +98,81 @@ def test_bad_input_is_refused_and_nothing_is_stored(pool, backend, settings):
         ("", "hi", None, "user id is required"),
         ("x" * 201, "hi", None, "at most 200"),
         ("ann", "   ", None, "message is empty"),
+        ("ann", "x" * (conversations.MAX_MESSAGE_CHARS + 1), None, "longer than"),
         ("ann", "hi", {"max_tokens": 0}, "max_tokens"),
         ("ann", "hi", {"bogus": 1}, "unknown parameter"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(conversations.ConversationError, match=message) as info:
             conversations.send_message(pool, backend, settings, user, text, params=params)
+        assert "\n" not in str(info.value)  # one line
     assert conversations.list_conversations(pool) == []
     assert executions.list_executions(pool) == []
+
+
+def test_api_errors_are_typed_and_leave_nothing_half_written(pool, backend, settings):
+    with pytest.raises(conversations.ConversationNotFound, match="no conversation for user 'ghost'"):
+        conversations.halt_conversation(pool, "ghost", "why", "ops")
+    for call in (lambda: conversations.resume_conversation(pool, "ghost", "ops"),
+                 lambda: conversations.inject_message(pool, "ghost", "hello", "ops"),
+                 lambda: conversations.get_conversation(pool, "ghost"),
+                 lambda: conversations.delete_memory(pool, "ghost", "name")):
+        with pytest.raises(conversations.ConversationNotFound):
+            call()
+    assert conversations.list_conversations(pool) == []  # failed actions created nothing
+    assert issubclass(conversations.ConversationNotFound, LookupError)
+    assert issubclass(conversations.ConversationError, ValueError)
+
+    conversations.send_message(pool, backend, settings, "tia", "hi", params=TINY)
+    with pytest.raises(conversations.ConversationStateError, match="is not halted"):
+        conversations.resume_conversation(pool, "tia", "ops")
+    conversations.halt_conversation(pool, "tia", "check", "ops")
+    with pytest.raises(conversations.ConversationStateError, match="already halted"):
+        conversations.halt_conversation(pool, "tia", "again", "ops")
+    with pytest.raises(conversations.ConversationError, match="injected message is empty"):
+        conversations.inject_message(pool, "tia", " ", "ops")
+    with pytest.raises(conversations.ConversationError, match="operator name is required"):
+        conversations.inject_message(pool, "tia", "hello", " ")
+    with pytest.raises(conversations.ConversationNotFound, match="no memory key 'nope'"):
+        conversations.delete_memory(pool, "tia", "nope")
+    with pytest.raises(conversations.ConversationError, match="memory key"):
+        conversations.set_memory(pool, "tia", "bad key", 1, operator="ops")
+    # only the successful halt is in the audit trail; no stray messages
+    assert [i.action for i in conversations.list_interventions(pool, "tia")] == ["halt"]
+    assert [m.kind for m in conversations.list_messages(pool, "tia")] == ["message", "reply"]
+    assert conversations.get_memory(pool, "tia") == {}
+
+
+def test_the_api_bound_to_a_workbench_has_the_issue_signatures(pool, backend, settings):
+    import inspect
+
+    api = conversations.connect(settings, backend=backend)
+    expected = {"send_message": ["user_id", "text"], "stream_message": ["user_id", "text"],
+                "halt_conversation": ["user_id", "reason", "operator"], "resume_conversation": ["user_id", "operator"],
+                "inject_message": ["user_id", "text", "operator"], "get_memory": ["user_id"],
+                "set_memory": ["user_id", "key", "value"], "delete_memory": ["user_id", "key"]}
+    for name, params in expected.items():
+        positional = [p.name for p in inspect.signature(getattr(api, name)).parameters.values()
+                      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert positional == params, name
+
+    reply = api.send_message("una", "Hello!", params=TINY)
+    assert isinstance(reply, conversations.Reply) and reply.status == "ok"
+    with api.stream_message("una", "And again", params=TINY) as stream:
+        streamed = "".join(stream)
+    assert stream.reply.status == "ok" and streamed == stream.reply.text
+    api.set_memory("una", "name", "Una")
+    assert api.get_memory("una") == {"name": "Una"}
+    api.delete_memory("una", "name")
+    assert api.get_memory("una") == {}
+    message_id = api.inject_message("una", "Be brief.", "ops")
+    assert api.halt_conversation("una", "check", "ops").halted
+    assert api.send_message("una", "hi?").paused
+    assert not api.resume_conversation("una", "ops").halted
+    after = api.send_message("una", "back", params=TINY)
+    assert "Operator: Be brief." in ledger_text(pool, after.execution_id)
+    assert message_id in [m.id for m in conversations.list_messages(pool, "una")]
+    # settings from the environment when none are given
+    assert conversations.connect(pool=pool).settings.default_template == settings.default_template
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
@@ -178,19 +262,60 @@ def test_a_halt_issued_mid_stream_stops_the_next_reply(pool, backend, settings):
     conversations.send_message(pool, backend, settings, "hal", "hi", params=TINY)
     stream = conversations.stream_message(pool, backend, settings, "hal", "Tell me a long story",
                                           params={"max_tokens": 40, "temperature": 0.0, "seed": 1})
-    with stream:
-        first = next(stream)  # the model is busy streaming this reply
-        assert first and backend.lock.locked()
-        conversations.halt_conversation(pool, "hal", "operator watching", "ops")
-        with ThreadPoolExecutor(1) as ex:  # the user sends again while the reply is still streaming
-            paused = ex.submit(conversations.send_message, pool, backend, settings, "hal", "and then?",
-                               params=TINY).result(timeout=60)
-        rest = "".join(stream)
+    ex = ThreadPoolExecutor(1)
+    try:
+        with stream:
+            first = next(stream)  # the model is busy streaming this reply
+            assert first and backend.lock.locked()
+            conversations.halt_conversation(pool, "hal", "operator watching", "ops")
+            # the user sends again while the reply is still streaming: answered at once, without the model
+            future = ex.submit(conversations.send_message, pool, backend, settings, "hal", "and then?", params=TINY)
+            try:
+                paused = future.result(timeout=30)
+            except FutureTimeout:
+                pytest.fail("the message sent after the halt waited for the model instead of being paused")
+            rest = "".join(stream)
+    finally:
+        stream.close()  # releases the model should the halt have been ignored, so the test fails, not hangs
+        ex.shutdown(wait=True)
     assert paused.paused and executions.get_execution(pool, paused.execution_id).model_name == "none"
     assert stream.reply.status == "ok" and stream.reply.text == first + rest
     kinds = [(m.role, m.kind) for m in conversations.list_messages(pool, "hal")]
     assert kinds == [("user", "message"), ("assistant", "reply"), ("user", "message"), ("user", "message"),
                      ("assistant", "paused"), ("assistant", "reply")]
+
+
+def test_a_halt_stops_a_reply_still_waiting_for_the_model(pool, backend, settings):
+    """The model is shared: a message sent before the halt whose reply is queued behind another user's reply is
+    stopped when its turn comes — the user gets the paused reply and none of the model's text."""
+    conversations.send_message(pool, backend, settings, "queued", "hi", params=TINY)
+    busy = conversations.stream_message(pool, backend, settings, "someone-else", "Tell me a long story",
+                                        params={"max_tokens": 40, "temperature": 0.0, "seed": 1})
+    ex = ThreadPoolExecutor(1)
+    try:
+        with busy:
+            assert next(busy) and backend.lock.locked()  # another user's reply holds the model
+            waiting = conversations.stream_message(pool, backend, settings, "queued", "are you there?",
+                                                   params={"max_tokens": 20, "temperature": 0.0, "seed": 1})
+            future = ex.submit(lambda: (list(waiting), waiting.reply))  # its reply waits for the model
+            time.sleep(1.0)
+            assert not future.done()
+            conversations.halt_conversation(pool, "queued", "operator stepped in", "ops")
+            rest = "".join(busy)
+        chunks, reply = future.result(timeout=60)
+    finally:
+        busy.close()
+        ex.shutdown(wait=True)
+    assert busy.reply.status == "ok" and rest  # the reply that was streaming when the halt came went on
+    assert reply.paused and chunks == [conversations.PAUSED_REPLY] and "operator stepped in" in reply.error
+    row = executions.get_execution(pool, reply.execution_id)
+    assert row.status == "cancelled" and "operator stepped in" in row.error and row.completion_tokens <= 1
+    *_, question, answer = conversations.list_messages(pool, "queued")
+    assert (question.content, question.in_context) == ("are you there?", False)  # left out of later contexts
+    assert (answer.kind, answer.status, answer.content) == ("paused", "paused", conversations.PAUSED_REPLY)
+    conversations.resume_conversation(pool, "queued", "ops")
+    later = conversations.send_message(pool, backend, settings, "queued", "hello again", params=TINY)
+    assert later.status == "ok" and "are you there?" not in ledger_text(pool, later.execution_id)
 
 
 def test_an_abandoned_stream_releases_the_model_and_keeps_what_was_produced(pool, backend, settings):
@@ -236,7 +361,7 @@ def test_many_users_chatting_concurrently_lose_nothing_and_stay_in_order(pool, b
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert not errors
+    assert not errors and not any(t.is_alive() for t in threads)
     for user in users:
         messages = conversations.list_messages(pool, user)
         assert [m.seq for m in messages] == list(range(1, 2 * rounds + 1))
@@ -244,6 +369,15 @@ def test_many_users_chatting_concurrently_lose_nothing_and_stay_in_order(pool, b
         for question, answer in zip(messages[::2], messages[1::2]):
             assert answer.reply_to == question.id and answer.status == "ok"
         assert [r.user_message_id for r in replies[user]] == [m.id for m in messages[::2]]
+        # each turn's context is this user's own conversation, complete and in order — nobody else's
+        for n, reply in enumerate(replies[user]):
+            row = executions.get_execution(pool, reply.execution_id)
+            assert row.user_id == user and row.messages[-1]["content"] == f"{user} says {n}"
+            history = row.messages[0]["content"]
+            said = [line for line in history.splitlines() if line.startswith("User: ")]
+            assert said == [f"User: {user} says {k}" for k in range(n)]
+            assert all(f"{other} says" not in history for other in users if other != user)
+            assert reply.text == messages[2 * n + 1].content
     messages = conversations.list_messages(pool, "shared")
     assert [m.seq for m in messages] == list(range(1, 4 * rounds + 1))
     sent = [m.content for m in messages if m.role == "user"]

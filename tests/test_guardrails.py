@@ -157,7 +157,11 @@ def test_input_flag_allows_the_message_and_marks_it_for_review(pool, backend, se
     assert reply.status == "ok" and reply.flagged
     [flagged] = conversations.flagged_messages(pool)
     assert flagged.id == reply.user_message_id and flagged.rules == ["cards"]
-    assert conversations.list_conversations(pool)[0].flagged_count == 1
+    assert flagged.content == "my card is 4111111111111111"  # allowed unchanged, kept for review
+    assert flagged.execution_id == reply.execution_id and conversations.list_conversations(pool)[0].flagged_count == 1
+    [event] = _events(pool, "cy")
+    assert (event.message_id, event.execution_id, event.excerpt) == (
+        reply.user_message_id, reply.execution_id, "4111111111111111")
     conversations.mark_reviewed(pool, flagged.id, "ops")
     assert conversations.flagged_messages(pool) == []
     assert conversations.list_conversations(pool)[0].flagged_count == 0
@@ -186,6 +190,9 @@ def test_input_halt_halts_the_conversation(pool, backend, settings):
     assert conv.halted and conv.halted_by == "guardrail" and "self harm" in conv.halted_reason
     [halt] = conversations.list_interventions(pool, "di")
     assert (halt.action, halt.operator) == ("halt", "guardrail") and halt.message_id == reply.user_message_id
+    [event] = _events(pool, "di")
+    assert (event.action, event.message_id, event.execution_id) == ("halt", reply.user_message_id,
+                                                                     reply.execution_id)
     again = conversations.send_message(pool, backend, settings, "di", "hello?", params=FAST)
     assert again.paused and executions.get_execution(pool, again.execution_id).status == "blocked"
 
@@ -207,15 +214,57 @@ def test_output_block(pool, backend, settings):
     assert event.execution_id == reply.execution_id
 
 
-def test_output_redact(pool, backend, settings):
+def _ledger_rows(pool, execution_id):
+    with pool.connection() as conn:
+        return conn.execute("SELECT output FROM executions WHERE id = %s", (execution_id,)).fetchall()
+
+
+def test_output_redact_replaces_matches_before_storing_and_sending_ledger_included(pool, backend, settings,
+                                                                                  monkeypatch):
     guardrails.create_rule(pool, "words out", "regex", pattern=r"[A-Za-z]+", direction="output", action="redact",
                            replacement="#")
+    written = []  # what the ledger is given when the execution is first written
+    record = executions.record
+    monkeypatch.setattr(executions, "record", lambda *a, **kw: written.append(kw.get("output")) or record(*a, **kw))
     with conversations.stream_message(pool, backend, settings, "fay", "Say hello", params=FAST) as stream:
+        assert stream.buffered  # nothing is sent before it is checked
         chunks = list(stream)
-    raw = _raw_output(pool, stream.reply)
-    expected = re.sub(r"[A-Za-z]+", "#", raw)
-    assert re.search(r"[A-Za-z]", raw) and stream.reply.text == expected and "".join(chunks) == expected
-    assert conversations.list_messages(pool, "fay")[-1].content == expected
+    reply = stream.reply
+    [event] = _events(pool, "fay")
+    assert (event.action, event.direction, event.excerpt) == ("redact", "output", None) and event.matches >= 1
+    assert event.execution_id == reply.execution_id and event.message_id == reply.reply_message_id
+    assert reply.status == "ok" and "#" in reply.text and not re.search(r"[A-Za-z]", reply.text)
+    assert "".join(chunks) == reply.text  # sent redacted
+    assert conversations.list_messages(pool, "fay")[-1].content == reply.text  # stored redacted
+    assert _raw_output(pool, reply) == reply.text  # and the ledger (hence the analytics exports) keeps no more
+    assert written == [reply.text]  # not even for a moment
+
+
+def test_output_redact_keeps_pii_out_of_the_ledger_even_if_the_ledger_recorded_it_raw(pool, backend, settings,
+                                                                                        monkeypatch):
+    """The run records the redacted output itself; should the ledger ever record the raw text, the flow still
+    rewrites it before the reply is stored (in the same transaction)."""
+    guardrails.create_rule(pool, "vowels", "regex", pattern=r"[aeiouAEIOU]", direction="output", action="redact",
+                           replacement="*")
+    monkeypatch.setattr(conversations._ChatRun, "output", executions.ExecutionRun.output)  # records the raw text
+    reply = conversations.send_message(pool, backend, settings, "gil", "Tell me about the sea", params=FAST)
+    [event] = _events(pool, "gil")
+    assert event.matches >= 1 and reply.status == "ok" and "*" in reply.text
+    assert not re.search(r"[aeiouAEIOU]", reply.text)
+    assert _ledger_rows(pool, reply.execution_id) == [(reply.text,)]
+
+
+def test_the_chat_run_records_redacted_output_in_the_ledger(pool, backend):
+    from core.llm import GenerationParams
+
+    run = conversations._ChatRun(pool, backend, executions.Origin("chat", user_id="hal"),
+                                 GenerationParams.from_dict(FAST),
+                                 [{"role": "user", "content": "Write the word hello"}], None,
+                                 ledger_text=lambda raw: "[" + str(len(raw)) + " characters]")
+    with run:
+        run.read()
+    raw = run.raw_output
+    assert raw and _ledger_rows(pool, run.execution_id) == [(f"[{len(raw)} characters]",)]
 
 
 def test_output_flag_streams_live_and_marks_the_reply(pool, backend, settings):

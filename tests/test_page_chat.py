@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
-from core import conversations, templates
+from core import conversations, guardrails, templates
 from tests.conftest import APP_PATH
 
 FAST_TEMPLATE = [{"role": "system", "content": "Be brief.\n{{ conversation_history }}"},
@@ -62,3 +62,40 @@ def test_a_bad_user_id_is_one_clear_error(app_env):
     at = open_chat("x" * 300)
     assert not at.exception
     assert at.error and "at most 200" in at.error[0].value
+
+
+def test_the_user_id_is_kept_in_the_address_so_a_reload_returns_to_the_conversation(app_env, pool, backend, settings):
+    templates.create_template(pool, "companion", FAST_TEMPLATE, params={"max_tokens": 3, "temperature": 0, "seed": 1})
+    conversations.send_message(pool, backend, settings, "carol", "I like tea")
+    at = open_chat("carol")
+    assert at.query_params["user"] in ("carol", ["carol"])
+    reloaded = AppTest.from_file(APP_PATH, default_timeout=120)  # a browser reload: new session, same address
+    reloaded.query_params["user"] = "carol"
+    reloaded.run()
+    reloaded.switch_page("pages/chat.py")
+    reloaded.query_params["user"] = "carol"
+    reloaded.run()
+    assert not reloaded.exception
+    assert reloaded.text_input(key="chat.user_id").value == "carol"
+    assert bubbles(reloaded)[0] == ("user", "I like tea")
+
+
+def test_the_user_sees_their_message_as_stored_after_redaction(app_env, pool):
+    templates.create_template(pool, "companion", FAST_TEMPLATE, params={"max_tokens": 3, "temperature": 0, "seed": 1})
+    guardrails.create_rule(pool, "emails", "email", direction="input", action="redact")
+    at = open_chat("dave")
+    at.chat_input(key="chat.input").set_value("write to dave@example.com").run()
+    assert not at.exception
+    assert bubbles(at)[0] == ("user", "write to [email]")
+    assert conversations.list_messages(pool, "dave")[0].content == "write to [email]"
+
+
+def test_a_failed_reply_is_one_clear_line_not_a_traceback(app_env, pool):
+    templates.create_template(pool, "broken", [{"role": "user", "content": "{{ message | length > 'x' }}"}])
+    conversations.assign_template(pool, "erin", "broken", operator="ops")
+    at = open_chat("erin")
+    at.chat_input(key="chat.input").set_value("hello").run()
+    assert not at.exception
+    assert conversations.ERROR_REPLY in bubbles(at)[-1][1]
+    assert any("The reply failed" in c.value for c in at.caption)
+    assert [m.kind for m in conversations.list_messages(pool, "erin")] == ["message", "error"]

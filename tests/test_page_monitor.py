@@ -188,3 +188,17 @@ def test_flagged_messages_are_reviewed_and_retention_purges(app_env, pool, backe
     assert at.success and "Deleted 1 conversation(s), 2 message(s)" in at.success[0].value
     assert conversations.find_conversation(pool, "eve") is None
     assert at.checkbox(key="monitor.purge_confirm").value is False
+
+
+def test_live_refresh_can_be_paused_and_a_purged_selection_is_not_an_error(app_env, pool, backend, settings):
+    conversations.send_message(pool, backend, settings, "fin", "hi", params=TINY)
+    at = open_monitor()
+    assert at.toggle(key="monitor.live").value is True  # refreshing itself by default
+    at.toggle(key="monitor.live").set_value(False).run()
+    assert not at.exception and at.selectbox(key="monitor.user").value == "fin"
+    with pool.connection() as conn:
+        conn.execute("UPDATE conversations SET last_activity = now() - interval '40 days'")
+    conversations.purge_conversations(pool, 30, operator="ops")
+    at.run()
+    assert not at.exception and not at.error
+    assert any("No conversations yet" in i.value for i in at.info)
