@@ -49,6 +49,8 @@ with model_col:
 figures = status.dashboard_figures(pool)
 if figures:
     st.subheader("Activity")
-    cols = st.columns(len(figures))
-    for col, (label, value) in zip(cols, figures.items()):
-        col.metric(label, f"{value:,}")
+    items = list(figures.items())
+    for start in range(0, len(items), 4):
+        row = items[start:start + 4]
+        for col, (label, value) in zip(st.columns(4), row):
+            col.metric(label, f"{value:,}")

@@ -18,6 +18,9 @@ def test_home_shows_database_and_model_and_warms_up(app_env, backend):
     labels = {m.label: m.value for m in at.metric}
     assert labels["Context"] == "4,096" and labels["Migrations"] != "0"
     assert labels["File size"].endswith("MB")
+    for figure in ("Users", "Conversations active today", "Messages", "Halted conversations", "Guardrail events",
+                   "Executions", "Evaluation runs"):
+        assert labels[figure] == "0"
     at.button(key="home.warmup").click().run()
     assert not at.exception
     assert not at.error
