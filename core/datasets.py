@@ -795,7 +795,12 @@ def decode(data: bytes, encoding: str = "utf-8") -> str:
                          f"cannot be decoded; nothing was imported (choose the file's encoding, e.g. latin-1)") from None
 
 
+CSV_FIELD_LIMIT = 64 * 1024 * 1024   # a cell may hold a long document; Python's default is 128 KiB
+
+
 def _csv_rows(text: str, delimiter: str) -> tuple[list[str], Iterable[tuple[int, list[str] | str]]]:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=False)
     try:
         header = next(reader)
@@ -822,9 +827,9 @@ def _csv_rows(text: str, delimiter: str) -> tuple[list[str], Iterable[tuple[int,
                 row = next(reader)
             except StopIteration:
                 return
-            except csv.Error as exc:
+            except csv.Error as exc:  # this row is rejected; the reader goes on with the next line
                 yield line, f"not valid CSV: {exc}"
-                return
+                continue
             if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
                 continue  # a blank line
             yield line, row
@@ -833,7 +838,9 @@ def _csv_rows(text: str, delimiter: str) -> tuple[list[str], Iterable[tuple[int,
 
 
 def _jsonl_records(text: str) -> Iterable[tuple[int, dict[str, Any] | str]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only (a \r before it is JSON whitespace): str.splitlines() would also split inside strings
+    # at U+2028, U+2029 or U+0085, which JSON allows unescaped, and then misnumber every later line.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -882,7 +889,7 @@ def _read(data: bytes | str, fmt: str, mapping: Mapping[str, str] | None, encodi
                     return
                 if isinstance(row, str):
                     yield line, row
-                    return
+                    continue
                 if len(row) != n:
                     yield line, f"has {len(row)} field(s), the header has {n}"
                     continue

@@ -707,7 +707,7 @@ def process(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: st
                                   completion_tokens=usage.completion_tokens, finish_reason=usage.finish_reason,
                                   output_schema=version.output_schema, judge=_judge_fn(pool, settings, run, work))
         checks = evaluators.run_all(all_evals, ectx)
-        passed, score = evaluators.summarize(checks)
+        passed, score = evaluators.summarize(checks, evaluators.item_threshold(rev["metadata"]))
         return _finish(pool, work, worker, execution_id=exec_run.execution_id, output=output, error=None,
                        checks=checks, check_origins=origins, passed=passed, score=score,
                        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,

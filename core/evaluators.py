@@ -439,14 +439,26 @@ def rouge_n(candidate: str, reference: str, n: int = 1) -> float:
 
 def extract_json(text: str) -> tuple[bool, Any]:
     """The first JSON object or array inside text (e.g. in a code fence): (found, value)."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"[\[{]", text):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
+    for value in extract_all_json(text):
         return True, value
     return False, None
+
+
+def extract_all_json(text: str) -> list[Any]:
+    """Every top-level JSON object or array inside text, in order (as promptfoo's contains-json looks at all)."""
+    decoder = json.JSONDecoder()
+    found: list[Any] = []
+    pos = 0
+    for match in re.finditer(r"[\[{]", text):
+        if match.start() < pos:
+            continue  # inside a value already found
+        try:
+            value, end = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        found.append(value)
+        pos = end
+    return found
 
 
 def _schema_errors(instance: Any, schema: Any) -> str | None:
@@ -576,6 +588,10 @@ class _NoReference(Exception):
     pass
 
 
+class _Unusable(Exception):
+    """The check could not be made (no measurement, no judge, a broken definition): it fails, negated or not."""
+
+
 def _binary(passed: bool, reason: str) -> tuple[bool, float, str]:
     return passed, 1.0 if passed else 0.0, reason
 
@@ -619,33 +635,35 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
         try:
             ok = re.search(str(value), out) is not None
         except re.error as exc:
-            return False, 0.0, f"invalid regular expression: {exc}", None
+            raise _Unusable(f"invalid regular expression: {exc}") from None
         return (*_binary(ok, f"output {'matches' if ok else 'does not match'} /{_short(str(value))}/"), None)
     if t in ("is-json", "contains-json", "json-schema"):
-        if t == "contains-json":
-            found, parsed = extract_json(out)
-            if not found:
-                return False, 0.0, "output contains no JSON", None
-        else:
-            try:
-                parsed = json.loads(out)
-            except json.JSONDecodeError as exc:
-                return False, 0.0, f"output is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", None
         schema = value
         if isinstance(schema, str) and schema:
             try:
                 schema = _load_schema(schema)
             except ValueError as exc:
-                return False, 0.0, str(exc), None
+                raise _Unusable(str(exc)) from None
         if t == "json-schema" and schema in (None, ""):
             schema = ctx.output_schema
             if not schema:
-                return False, 0.0, "no JSON Schema given and the template version has no output schema", None
+                raise _Unusable("no JSON Schema given and the template version has no output schema")
+        if t == "contains-json":
+            candidates = extract_all_json(out)
+            if not candidates:
+                return False, 0.0, "output contains no JSON", None
+        else:
+            try:
+                candidates = [json.loads(out)]
+            except json.JSONDecodeError as exc:
+                return False, 0.0, f"output is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", None
         if schema not in (None, ""):
-            problem = _schema_errors(parsed, schema)
-            if problem:
-                return False, 0.0, f"JSON does not match the schema: {problem}", None
-            return True, 1.0, "JSON matches the schema", None
+            problem = None
+            for parsed in candidates:  # contains-json: any JSON value in the output that matches will do
+                problem = _schema_errors(parsed, schema)
+                if problem is None:
+                    return True, 1.0, "JSON matches the schema", None
+            return False, 0.0, f"JSON does not match the schema: {problem}", None
         return True, 1.0, "output is valid JSON", None
     if t in ("levenshtein", "similarity", "rouge-l", "rouge-n"):
         ref = str(_reference(ev, value, ctx))
@@ -665,7 +683,7 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
         return ok, s, f"{t} {s:.3f} {'≥' if ok else '<'} {threshold:g}", None
     if t == "latency":
         if ctx.latency_ms is None:
-            return False, 0.0, "no latency was measured", None
+            raise _Unusable("no latency was measured")
         ok = ctx.latency_ms <= ev.threshold
         score = 1.0 if ok else (ev.threshold / ctx.latency_ms if ctx.latency_ms else 0.0)
         return ok, score, f"latency {ctx.latency_ms:.0f} ms {'≤' if ok else '>'} {ev.threshold:g} ms", None
@@ -674,7 +692,7 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
         return (*_binary(ok, f"cost 0 (local model) ≤ {ev.threshold:g}"), None)
     if t == "completion-tokens":
         if ctx.completion_tokens is None:
-            return False, 0.0, "no token count was recorded", None
+            raise _Unusable("no token count was recorded")
         ok = ctx.completion_tokens <= ev.threshold
         return (*_binary(ok, f"{ctx.completion_tokens} completion tokens {'≤' if ok else '>'} {ev.threshold:g}"), None)
     if t == "finish-reason":
@@ -682,13 +700,17 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
         return (*_binary(ok, f"finish reason {ctx.finish_reason!r}" + ("" if ok else f", expected {value!r}")), None)
     if t == "llm-rubric":
         if ctx.judge is None:
-            return False, 0.0, "no judge model available", None
+            raise _Unusable("no judge model available")
         judgement = ctx.judge(ev, str(value), out, ctx.variables)
         passed, score, reason = parse_judgement(judgement.text)
         if passed is None:
-            return False, 0.0, f"judge's answer not understood: {_short(judgement.text, 80)!r}", judgement.execution_id
-        if ev.threshold is not None:
-            passed = score >= ev.threshold
+            raise _Unusable(f"judge's answer not understood: {_short(judgement.text, 80)!r}",
+                            judgement.execution_id)
+        if ev.threshold is not None:  # as promptfoo: the judge must pass it and its score reach the threshold
+            below = score < ev.threshold
+            passed = passed and not below
+            if below and not reason:
+                reason = f"score {score:g} below threshold {ev.threshold:g}"
         reason = reason or ("the judge passed it" if passed else "the judge failed it")
         return passed, float(score), reason, judgement.execution_id
     if t == UNSUPPORTED:
@@ -699,14 +721,18 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
 def run(ev: Evaluator, ctx: Context) -> Check:
     """Run one evaluator on an output; any problem is a failed check whose reason says what went wrong."""
     execution_id = None
+    usable = True  # a check that could not be made fails whether or not it is negated
     try:
         passed, score, reason, execution_id = _check(ev, ctx)
     except _NoReference:
-        passed, score, reason = False, 0.0, "no value given and the item has no expected output"
+        passed, score, reason, usable = False, 0.0, "no value given and the item has no expected output", False
+    except _Unusable as exc:
+        passed, score, reason, usable = False, 0.0, str(exc.args[0]), False
+        execution_id = exc.args[1] if len(exc.args) > 1 else None
     except Exception as exc:  # a broken value template, a judge failure: the check fails, the run goes on
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        passed, score, reason = False, 0.0, f"{ev.full_type} failed: {first}"
-    if ev.negate and ev.type != UNSUPPORTED:
+        passed, score, reason, usable = False, 0.0, f"{ev.full_type} failed: {first}", False
+    if ev.negate and ev.type != UNSUPPORTED and usable:
         passed, score, reason = not passed, 1.0 - score, f"not: {reason}"
     return Check(name=ev.label, type=ev.full_type, passed=bool(passed), score=float(score), weight=ev.weight,
                  reason=reason, execution_id=execution_id)
@@ -717,10 +743,29 @@ def run_all(evaluators: Iterable[Evaluator], ctx: Context) -> list[Check]:
     return [run(ev, ctx) for ev in evaluators]
 
 
-def summarize(checks: Sequence[Check]) -> tuple[bool, float | None]:
-    """An output passes when every weighted check passes; its score is the weighted mean of the check scores."""
-    counted = [c for c in checks if c.weight > 0]
-    if not counted:
+def summarize(checks: Sequence[Check], threshold: float | None = None) -> tuple[bool, float | None]:
+    """promptfoo's rule for one output: it passes when every check passes (a weight-0 check too: weight only moves
+    the score), and its score is the weighted mean of the check scores (0 when every weight is 0).
+
+    With a threshold (promptfoo's test-level `threshold`; 0 means none, as there), it passes instead when that score
+    reaches the threshold, so a failed check with a small weight can be outweighed.
+    """
+    if not checks:
         return True, None
-    total = sum(c.weight for c in counted)
-    return all(c.passed for c in counted), sum(c.score * c.weight for c in counted) / total
+    total = sum(c.weight for c in checks)
+    score = sum(c.score * c.weight for c in checks) / total if total > 0 else 0.0
+    if threshold:
+        return score >= threshold - 1e-12, score
+    return all(c.passed for c in checks), score
+
+
+def item_threshold(metadata: Mapping[str, Any] | None) -> float | None:
+    """The pass threshold an item carries in its metadata (`threshold`, from a promptfoo test), if a valid one."""
+    raw = (metadata or {}).get("threshold")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = _number(raw, "threshold")
+    except ValueError:
+        return None
+    return value if 0 <= value <= 1 else None

@@ -2,10 +2,11 @@
 
 Understood: `prompts` (inline text, chat messages as JSON, `file://` text files holding several prompts separated by
 `---` lines, JSON/YAML message files, globs), `tests` (inline, or `file://` CSV/YAML/JSON/JSONL files; CSV `__expected`
-columns in `type:value` shorthand, `__description`, `__metadata:*`), `defaultTest` (vars, assert), `vars` with list
-values (expanded into one test per combination, as promptfoo does), `assert` lists (`not-` negation, `threshold`,
-`weight`, `metric`). Providers are mapped to the configured model and reported. Assertion types PromptDev does not
-run are named in the report and count as failed checks — never dropped.
+columns in `type:value` shorthand, `__description`, `__threshold`), `defaultTest` (vars, assert, threshold), `vars`
+with list values (expanded into one test per combination, as promptfoo does), `assert` lists (`not-` negation,
+`threshold`, `weight`, `metric`), a test's `threshold` (it passes when its weighted score reaches it, as in promptfoo;
+stored as the item's `threshold` metadata). Providers are mapped to the configured model and reported. Assertion
+types PromptDev does not run are named in the report and count as failed checks — never dropped.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Test:
     vars: dict[str, Any]
     asserts: list[Any]
     description: str = ""
+    threshold: float | None = None   # the test passes when its weighted score reaches it (instead of every assert)
 
 
 @dataclass
@@ -295,7 +297,7 @@ def _csv_tests(path: Path, notes: list[str]) -> list[Test]:
     for row in reader:
         if None in row:
             raise PromptfooError(f"{path} line {reader.line_num}: more fields than the header has")
-        vars_, asserts, description = {}, [], ""
+        vars_, asserts, description, threshold = {}, [], "", None
         for col, cell in row.items():
             col = (col or "").strip()
             if cell is None:
@@ -305,11 +307,13 @@ def _csv_tests(path: Path, notes: list[str]) -> list[Test]:
                     asserts.append(cell)
             elif col == "__description":
                 description = cell
+            elif col == "__threshold":
+                threshold = _threshold(cell, f"{path} line {reader.line_num}") if cell.strip() else None
             elif col.startswith("__"):
                 ignored.add(col)
             else:
                 vars_[col] = cell
-        tests.append(Test(vars_, asserts, description))
+        tests.append(Test(vars_, asserts, description, threshold))
     for col in sorted(ignored):
         notes.append(f"{path.name}: column {col} is not supported and was ignored")
     return tests
@@ -364,9 +368,22 @@ def _test_from_mapping(base: Path, entry: Any, where: str, notes: list[str]) -> 
     asserts = entry.get("assert") or []
     if not isinstance(asserts, list):
         raise PromptfooError(f"{where}: assert must be a list")
-    for key in sorted(set(entry) - {"vars", "assert", "description", "metadata"}):
+    for key in sorted(set(entry) - {"vars", "assert", "description", "metadata", "threshold"}):
         notes.append(f"{where}: {key!r} is not supported and was ignored")
-    return Test({k: _load_var(base, v) for k, v in vars_.items()}, list(asserts), str(entry.get("description") or ""))
+    threshold = None if entry.get("threshold") is None else _threshold(entry["threshold"], where)
+    return Test({k: _load_var(base, v) for k, v in vars_.items()}, list(asserts), str(entry.get("description") or ""),
+                threshold)
+
+
+def _threshold(value: Any, where: str) -> float:
+    """A test's pass threshold: a number from 0 to 1."""
+    try:
+        number = evaluators._number(value, "threshold")
+    except ValueError as exc:
+        raise PromptfooError(f"{where}: {exc}") from None
+    if not 0 <= number <= 1:
+        raise PromptfooError(f"{where}: threshold must be between 0 and 1, got {value!r}")
+    return number
 
 
 def load(path: str | Path) -> Suite:
@@ -398,16 +415,19 @@ def load(path: str | Path) -> Suite:
         raise PromptfooError(f"{path}: defaultTest must be a mapping")
     default_vars = {k: _load_var(base, v) for k, v in (default.get("vars") or {}).items()}
     default_asserts = list(default.get("assert") or [])
-    for key in sorted(set(default) - {"vars", "assert", "options", "metadata", "description"}):
+    for key in sorted(set(default) - {"vars", "assert", "options", "metadata", "description", "threshold"}):
         notes.append(f"defaultTest.{key} is not supported and was ignored")
     options = default.get("options") or {}
     if isinstance(options, Mapping) and options.get("provider"):
         notes.append(f"defaultTest.options.provider {options['provider']!r}: the judge runs on the configured model")
+    default_threshold = (None if default.get("threshold") is None
+                         else _threshold(default["threshold"], "defaultTest"))
     raw_tests = _read_tests(base, doc.get("tests"), notes)
     tests = []
     for t in raw_tests:
+        threshold = t.threshold if t.threshold is not None else default_threshold
         for vars_ in _expand({**default_vars, **t.vars}):
-            tests.append(Test(vars_, t.asserts, t.description))
+            tests.append(Test(vars_, t.asserts, t.description, threshold))
     description = str(doc.get("description") or "")
     name = _slug(description) if description else _slug(path.parent.name if path.stem == "promptfooconfig"
                                                          else path.stem)
@@ -455,6 +475,8 @@ def import_suite(pool: ConnectionPool, settings: Settings, suite: Suite, *, crea
             metadata["assert"] = asserts
         if test.description:
             metadata["description"] = test.description
+        if test.threshold is not None:
+            metadata["threshold"] = test.threshold
         try:
             items.append(datasets.make_item(test.vars, None, (), metadata))
         except ValueError as exc:

@@ -97,7 +97,8 @@ def new_run_view(pool, settings) -> None:
                   "top_p": p4.number_input("top_p", 0.01, 1.0, 0.95, 0.05, key="evaluations.new.top_p")}
     st.markdown("**Evaluators**")
     st.caption("promptfoo assertion types. A reference evaluator without a value compares with the item's expected "
-               "output; values may use the item's variables ({{ name }}). Items may also carry their own `assert`.")
+               "output; values may use the item's variables ({{ name }}). Items may also carry their own `assert` "
+               "(and a `threshold`: the item passes when its weighted score reaches it) in their metadata.")
     grid = st.data_editor(
         pd.DataFrame([{"type": "icontains", "negate": False, "value": None, "threshold": None, "weight": 1.0,
                        "name": None, "provider": None}]),
@@ -107,7 +108,9 @@ def new_run_view(pool, settings) -> None:
             "negate": st.column_config.CheckboxColumn("not", help="Pass when the check fails"),
             "value": st.column_config.TextColumn("value", help="Text, list (a, b), regex, JSON Schema or rubric"),
             "threshold": st.column_config.NumberColumn("threshold"),
-            "weight": st.column_config.NumberColumn("weight", min_value=0.0),
+            "weight": st.column_config.NumberColumn(
+                "weight", min_value=0.0,
+                help="How much the check counts in the item's score; any failed check still fails the item"),
             "name": st.column_config.TextColumn("name"),
             "provider": st.column_config.TextColumn("judge model", help="llm-rubric: a registered model"),
         })
@@ -171,10 +174,12 @@ def pass_rate_chart(titles: list[str], summaries: list[ev.VersionSummary]) -> al
     data = pd.DataFrame([{"version": t, "pass rate": s.pass_rate, "low": s.pass_ci[0], "high": s.pass_ci[1],
                           "n": s.n} for t, s in zip(titles, summaries)])
     base = alt.Chart(data).encode(y=alt.Y("version:N", sort=None, title=None))
-    bars = base.mark_bar().encode(x=alt.X("pass rate:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+    bars = base.mark_bar().encode(x=alt.X("pass rate:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
+                                          title="pass rate"),
                                   tooltip=["version", alt.Tooltip("pass rate:Q", format=".1%"), "n"])
     whiskers = base.mark_rule(strokeWidth=2, color="black").encode(x="low:Q", x2="high:Q")
-    return (bars + whiskers).properties(title="Pass rate (95% Wilson interval)", height=40 + 30 * len(titles))
+    # A step per version (a fixed pixel height squeezed every row onto one line under Streamlit's autosize).
+    return (bars + whiskers).properties(title="Pass rate (95% Wilson interval)", height=alt.Step(32))
 
 
 def evaluator_chart(summaries: list[ev.VersionSummary], titles: list[str]) -> alt.Chart | None:
@@ -198,7 +203,7 @@ def latency_chart(results: list[ev.Result], titles: dict[int, str]) -> alt.Chart
     if data.empty:
         return None
     return alt.Chart(data).mark_boxplot().encode(x=alt.X("latency ms:Q"), y=alt.Y("version:N", sort=None, title=None)
-                                                 ).properties(title="Latency", height=40 + 30 * len(titles))
+                                                 ).properties(title="Latency", height=alt.Step(32))
 
 
 def run_view(pool, settings) -> None:
@@ -329,7 +334,7 @@ def show_comparison(c: ev.Comparison) -> None:
         right.altair_chart((base.mark_point(filled=True, size=80).encode(x=alt.X("mean score:Q",
                                                                               scale=alt.Scale(domain=[0, 1])))
                             + base.mark_rule(strokeWidth=2).encode(x="low:Q", x2="high:Q"))
-                           .properties(title="Mean score (95% bootstrap interval)", height=40 + 30 * len(c.titles)),
+                           .properties(title="Mean score (95% bootstrap interval)", height=alt.Step(32)),
                            width="stretch")
     st.subheader("Is the difference real?")
     for t in c.tests:

@@ -275,3 +275,35 @@ def test_grid_changes_become_one_transaction(pool):
     rows[1]["metadata"] = "{bad"
     with pytest.raises(ValueError, match="row 2: metadata is not valid JSON"):
         datasets.grid_changes(datasets.list_items(pool, "g"), variables, rows)
+
+
+def test_jsonl_lines_end_at_newlines_only(pool):
+    # JSON allows U+2028, U+2029 and U+0085 unescaped inside strings: they must not split a line (and shift the
+    # line numbers of every rejected row after them).
+    data = '{"q": "a\u2028b\u0085c"}\r\n{"q": "d\u2029"}\nnot json\n\n{"q": 4}\n'.encode()
+    parsed = datasets.parse_file(data, fmt="jsonl")
+    assert [i.input for i in parsed.items] == [{"q": "a\u2028b\u0085c"}, {"q": "d\u2029"}, {"q": 4}]
+    assert parsed.lines == [1, 2, 5]
+    assert [(r.line, r.reason.split(":")[0]) for r in parsed.rejected] == [(3, "invalid JSON")]
+    report = datasets.import_file(pool, "seps", data, fmt="jsonl")
+    assert report.imported == 3 and [r.line for r in report.rejected] == [3]
+    assert datasets.list_items(pool, "seps")[0].input == {"q": "a\u2028b\u0085c"}
+
+
+def test_csv_long_cells_import_and_a_broken_row_does_not_drop_the_rest(pool, monkeypatch):
+    import csv
+
+    long_cell = "x" * 200_000   # over Python's default CSV field limit of 128 KiB
+    data = f'q,expected\na,b\n"{long_cell}",c\nd,e\n'.encode()
+    parsed = datasets.parse_file(data, fmt="csv")
+    assert parsed.lines == [2, 3, 4] and not parsed.rejected and parsed.items[1].input == {"q": long_cell}
+    # A row the CSV reader cannot read is rejected with its line, and the rows after it are still read.
+    old = csv.field_size_limit()
+    monkeypatch.setattr(datasets, "CSV_FIELD_LIMIT", 100)
+    try:
+        csv.field_size_limit(100)
+        parsed = datasets.parse_file(f'q,expected\na,b\n"{"y" * 300}",c\nd,e\nf,g\n'.encode(), fmt="csv")
+    finally:
+        csv.field_size_limit(old)
+    assert parsed.lines == [2, 4, 5]
+    assert [(r.line, "field larger than field limit" in r.reason) for r in parsed.rejected] == [(3, True)]

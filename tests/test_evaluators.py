@@ -44,7 +44,6 @@ CASES = [
     ({"type": "contains-json", "value": '{"type": "array"}'}, "x [1, 2] y", {}, True),
     ({"type": "json-schema"}, '{"n": 3}', {"output_schema": {"properties": {"n": {"type": "integer"}}}}, True),
     ({"type": "json-schema"}, '{"n": "3"}', {"output_schema": {"properties": {"n": {"type": "integer"}}}}, False),
-    ({"type": "json-schema"}, '{"n": 3}', {}, False),  # no schema anywhere
     ({"type": "json-schema", "value": "type: array"}, "[1]", {}, True),  # YAML schema
     ({"type": "levenshtein", "value": "kitten"}, "sitting", {}, True),   # distance 3 <= default 5
     ({"type": "levenshtein", "value": "kitten", "threshold": 2}, "sitting", {}, False),
@@ -56,7 +55,6 @@ CASES = [
     ({"type": "rouge-n", "value": "a b c d", "options": {"n": 2}}, "a b c x", {}, False),  # 2/3 < 0.75
     ({"type": "latency", "threshold": 500}, "x", {"latency_ms": 120.0}, True),
     ({"type": "latency", "threshold": 500}, "x", {"latency_ms": 900.0}, False),
-    ({"type": "latency", "threshold": 500}, "x", {}, False),
     ({"type": "cost", "threshold": 0.01}, "x", {}, True),
     ({"type": "completion-tokens", "threshold": 16}, "x", {"completion_tokens": 16}, True),
     ({"type": "completion-tokens", "threshold": 16}, "x", {"completion_tokens": 17}, False),
@@ -74,6 +72,40 @@ def test_every_evaluator_passes_and_fails(spec, output, ctx, passed):
     negated = check({**spec, "type": "not-" + spec["type"]}, output, **ctx)
     assert negated.passed is (not passed) and negated.type == "not-" + spec["type"]
     assert negated.score == pytest.approx(1 - result.score) and negated.reason.startswith("not: ")
+
+
+# Checks that cannot be made at all: they fail, and negating them must not turn them into a pass.
+UNUSABLE = [
+    ({"type": "json-schema"}, '{"n": 3}', {}, "no JSON Schema given"),
+    ({"type": "latency", "threshold": 500}, "x", {}, "no latency was measured"),
+    ({"type": "completion-tokens", "threshold": 5}, "x", {}, "no token count"),
+    ({"type": "contains"}, "anything", {}, "no expected output"),
+    ({"type": "starts-with"}, "anything", {}, "no expected output"),
+    ({"type": "contains", "value": "{{ missing.attr.deeper }}"}, "x", {}, "failed"),
+    ({"type": "llm-rubric", "value": "polite"}, "x", {}, "no judge model"),
+    ({"type": "llm-rubric", "value": "polite"}, "x", {"judge": lambda *a: Judgement("purple monkey", 7)},
+     "not understood"),
+]
+
+
+@pytest.mark.parametrize("spec,output,ctx,why", UNUSABLE, ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(UNUSABLE)])
+def test_checks_that_cannot_be_made_fail_even_when_negated(spec, output, ctx, why):
+    result = check(spec, output, **ctx)
+    assert not result.passed and result.score == 0.0 and why in result.reason
+    negated = check({**spec, "type": "not-" + spec["type"]}, output, **ctx)
+    assert not negated.passed and negated.score == 0.0 and why in negated.reason, negated.reason
+    assert negated.type == "not-" + spec["type"]
+
+
+def test_contains_json_passes_when_any_json_in_the_output_matches_the_schema():
+    schema = {"type": "object", "required": ["answer"]}
+    out = 'Steps: [1, 2]. Result: {"answer": 42} and {"other": 1}'
+    assert ev.extract_all_json(out) == [[1, 2], {"answer": 42}, {"other": 1}]
+    assert check({"type": "contains-json", "value": schema}, out).passed
+    assert not check({"type": "contains-json", "value": schema}, 'x {"other": 1} [3]').passed
+    assert check({"type": "not-contains-json", "value": schema}, 'x {"other": 1} [3]').passed
+    # Nested values are part of the outer one, not separate candidates.
+    assert ev.extract_all_json('{"a": {"answer": 1}}') == [{"a": {"answer": 1}}]
 
 
 def test_measures_against_known_values():
@@ -109,8 +141,19 @@ def test_weights_and_summary():
     ]
     passed, score = ev.summarize(checks)
     assert not passed and score == pytest.approx(0.75)
-    assert ev.summarize(checks[:1] + checks[2:]) == (True, 1.0)   # a weight-0 check does not count
+    # As in promptfoo, a failing weight-0 check still fails the output; it only does not move the score.
+    assert ev.summarize(checks[:1] + checks[2:]) == (False, 1.0)
+    assert ev.summarize(checks[:1]) == (True, 1.0)
+    assert ev.summarize(checks[2:]) == (False, 0.0)   # every weight 0: score 0
     assert ev.summarize([]) == (True, None)
+    # A threshold (promptfoo's test-level one) judges the weighted score instead of every check.
+    assert ev.summarize(checks, threshold=0.75) == (True, pytest.approx(0.75))
+    assert ev.summarize(checks, threshold=0.8) == (False, pytest.approx(0.75))
+    assert ev.summarize(checks[:1] + checks[2:], threshold=0.9) == (True, 1.0)   # outweighs the weight-0 failure
+    assert ev.summarize(checks, threshold=0) == (False, pytest.approx(0.75))    # 0: no threshold, as in promptfoo
+    assert ev.item_threshold({"threshold": 0.5}) == 0.5 and ev.item_threshold({"threshold": "0.5"}) == 0.5
+    assert ev.item_threshold({}) is None and ev.item_threshold(None) is None
+    assert ev.item_threshold({"threshold": 7}) is None and ev.item_threshold({"threshold": "high"}) is None
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -195,6 +238,12 @@ def test_llm_rubric_uses_the_judge_and_its_threshold():
     assert asked == [("is about cats", "text")]
     strict = ev.run(ev.parse({**spec, "threshold": 0.8}), Context("text", variables={"topic": "c"}, judge=judge))
     assert not strict.passed
+    lenient = ev.run(ev.parse({**spec, "threshold": 0.5}), Context("text", variables={"topic": "c"}, judge=judge))
+    assert lenient.passed and lenient.score == 0.6
+    # As promptfoo: with a threshold the judge must still pass it, a high score alone is not enough.
+    failed_high = ev.run(ev.parse({**spec, "threshold": 0.5}), Context(
+        "t", judge=lambda *a: Judgement('{"pass": false, "score": 0.9, "reason": "off topic"}')))
+    assert not failed_high.passed and failed_high.reason == "off topic"
     garbled = ev.run(ev.parse(spec), Context("t", variables={"topic": "c"},
                                              judge=lambda *a: Judgement("purple monkey", None)))
     assert not garbled.passed and "not understood" in garbled.reason

@@ -3,6 +3,7 @@ compare versions with significance tests, cancel and resume, import a promptfoo 
 
 from __future__ import annotations
 
+import json
 import time
 
 from streamlit.testing.v1 import AppTest
@@ -75,6 +76,14 @@ def test_start_a_run_follow_it_and_compare(app_env, pool):
     results = next(f for f in frames if "diff" in f.columns)
     assert len(results) == 6 and set(results["version"]) == {"qa@1", "qa@2"}
     assert any({"name", "passed", "reason"} <= set(f.columns) for f in frames)   # one result's checks
+    # Charts with one row per version are sized per row: a fixed pixel height drew every version on one line.
+    specs = {}
+    for chart in at.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        title = spec.get("title")
+        specs[title.get("text") if isinstance(title, dict) else title] = spec
+    assert specs["Pass rate (95% Wilson interval)"]["height"] == {"step": 32}
+    assert specs["Latency"]["height"] == {"step": 32}
     at.checkbox(key="evaluations.results.failed").check()
     at.run()
     assert not at.exception
@@ -86,6 +95,11 @@ def test_start_a_run_follow_it_and_compare(app_env, pool):
     assert "Pass/fail:" in texts(at.success) + texts(at.info)
     labels = [m.label for m in at.metric]
     assert "McNemar exact p" in labels and "Bootstrap p" in labels
+    titles = {}
+    for chart in at.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        titles[spec["title"]["text"] if isinstance(spec.get("title"), dict) else spec.get("title")] = spec["height"]
+    assert titles["Pass rate (95% Wilson interval)"] == titles["Mean score (95% bootstrap interval)"] == {"step": 32}
     at.checkbox(key="evaluations.compare.disagree").check()
     at.run()
     assert not at.exception and any("of 3 item(s)" in c.value for c in at.caption)

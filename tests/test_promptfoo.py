@@ -129,9 +129,25 @@ def test_a_promptfoo_suite_runs_and_unsupported_checks_fail(pool, settings, tmp_
             assert:
               - type: python
                 value: "len(output) > 0"
+          - vars: {word: three}
+            threshold: 0.7
+            assert:
+              - type: contains
+                value: "zz-never-zz"
+              - type: completion-tokens
+                threshold: 1000
+                weight: 2
+          - vars: {word: four}
+            threshold: 0.9
+            assert:
+              - type: contains
+                value: "zz-never-zz"
+              - type: completion-tokens
+                threshold: 1000
+                weight: 2
         """)
     run, imported = promptfoo.start(pool, settings, config, created_by="ci")
-    assert run.source == "promptfoo" and imported.dataset == "cfg" and run.total == 2
+    assert run.source == "promptfoo" and imported.dataset == "cfg" and run.total == 4
     assert run.params == {"temperature": 0, "max_tokens": 4}   # from the provider's config
     assert "parameters from the provider config: max_tokens=4, temperature=0" in imported.report_lines()
     evaluations.work_on(pool, settings, run.id)
@@ -139,6 +155,10 @@ def test_a_promptfoo_suite_runs_and_unsupported_checks_fail(pool, settings, tmp_
     assert results["one"].passed
     assert not results["two"].passed
     assert results["two"].checks[1]["reason"] == "assertion type 'python' is not supported by PromptDev"
+    # A test's threshold: it passes when its weighted score (here (1 + 0 + 2) / 4 = 0.75) reaches it, as in promptfoo.
+    assert [c["passed"] for c in results["three"].checks] == [True, False, True]
+    assert results["three"].score == pytest.approx(0.75) and results["three"].passed
+    assert results["four"].score == pytest.approx(0.75) and not results["four"].passed
     (summary,) = evaluations.summarize_run(pool, run.id)
     assert summary.pass_rate == 0.5
 
@@ -161,6 +181,29 @@ def test_bad_configs_fail_with_one_line(tmp_path, body, files, message):
     path = write(tmp_path / "promptfooconfig.yaml", body)
     with pytest.raises(promptfoo.PromptfooError, match=message):
         promptfoo.load(path)
+
+
+def test_test_thresholds_from_yaml_csv_and_default_test(tmp_path):
+    write(tmp_path / "t.csv", """
+        x,__expected,__threshold
+        1,contains: a,0.5
+        2,contains: b,
+        """)
+    path = write(tmp_path / "promptfooconfig.yaml", """
+        prompts: ["{{ x }}"]
+        defaultTest:
+          threshold: 0.25
+        tests:
+          - file://t.csv
+          - vars: {x: 3}
+            threshold: 0.8
+        """)
+    suite = promptfoo.load(path)
+    assert [t.threshold for t in suite.tests] == [0.5, 0.25, 0.8]
+    assert not any("threshold" in n for n in suite.notes)   # understood, not "ignored"
+    bad = write(tmp_path / "bad.yaml", "prompts: [x]\ntests:\n  - vars: {x: 1}\n    threshold: 2\n")
+    with pytest.raises(promptfoo.PromptfooError, match=r"tests\[1\]: threshold must be between 0 and 1"):
+        promptfoo.load(bad)
 
 
 def test_uploaded_files_without_folders_are_found_beside_the_config(tmp_path):
