@@ -8,6 +8,7 @@ file, load an extension or change a setting. Times are UTC.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ _REFUSED_KINDS = {
     "DROP": "the exports are read-only",
     "ALTER": "the exports are read-only",
     "CALL": "only queries can run here",
+    "MULTI": "a PIVOT must list its values here, e.g. PIVOT executions ON status IN ('ok', 'error') USING count(*)",
 }
+MAX_RESULT_BYTES = 64 << 20  # a result bigger than this in memory is refused rather than sent to the browser
 
 
 class AnalyticsError(ValueError):
@@ -217,7 +220,20 @@ def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB") -
 
 def _refusal(kind: str) -> str:
     reason = _REFUSED_KINDS.get(kind, "only SELECT queries can run here")
+    if kind == "MULTI":
+        return f"refused: this query would run several statements ({reason})"
     return f"refused: {kind} statements are not allowed ({reason}); only SELECT queries over the exports can run"
+
+
+_PATH_TABLE = re.compile(r"Table with name (\S+) does not exist")
+
+
+def _outside(exc: duckdb.Error, root: Path) -> str | None:
+    """The refusal for `FROM '/some/file'` outside the exports (DuckDB reports it as a missing table)."""
+    m = _PATH_TABLE.search(str(exc))
+    if m and ("/" in m.group(1) or "://" in m.group(1)):
+        return f"refused: only the exports can be read ({m.group(1)!r} is not a file under {root})"
+    return None
 
 
 def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
@@ -228,7 +244,12 @@ def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
         raise AnalyticsError("enter a SELECT query, e.g. SELECT count(*) FROM executions")
     if limit < 1:
         raise AnalyticsError("the row limit must be at least 1")
+    lingering = _Worker.lingering()
+    if lingering >= MAX_LINGERING:
+        raise QueryRefused(f"refused: {lingering} earlier queries past their time limit are still being cancelled; "
+                           "try again in a moment")
     con = sandbox(exports_dir)
+    worker: _Worker | None = None
     try:
         statements = _statements(con, query)
         if len(statements) != 1:
@@ -242,23 +263,96 @@ def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
         if len(check) != 1 or check[0].type.name != "SELECT":
             raise QueryRefused("refused: the query could not be confined to one SELECT")
         started = time.perf_counter()
-        timer = threading.Timer(time_limit_s, con.interrupt)
-        timer.start()
+        stopped = f"stopped: the query ran longer than the {time_limit_s:g} s time limit"
+        # The query runs on a worker thread: some operations (one huge list_sort, say) do not check for an
+        # interrupt, and the caller must get its answer at the time limit even then.
+        worker = _Worker(con, wrapped)
+        if not worker.done.wait(time_limit_s):
+            con.interrupt()
+            if not worker.done.wait(INTERRUPT_GRACE_S):
+                raise QueryRefused(stopped + " (it is being cancelled)")
         try:
-            frame = con.execute(wrapped).df()
+            if worker.error is not None:
+                raise worker.error
+            frame = worker.frame
         except duckdb.InterruptException:
-            raise QueryRefused(f"stopped: the query ran longer than the {time_limit_s:g} s time limit") from None
+            raise QueryRefused(stopped) from None
         except duckdb.PermissionException as exc:
             raise QueryRefused(f"refused: only the exports can be read ({_first_line(exc)})") from None
+        except duckdb.CatalogException as exc:
+            refusal = _outside(exc, Path(exports_dir).resolve())
+            if refusal:
+                raise QueryRefused(refusal) from None
+            raise AnalyticsError(_first_line(exc)) from None
         except duckdb.Error as exc:
             raise AnalyticsError(_first_line(exc)) from None
-        finally:
-            timer.cancel()
+        except MemoryError:
+            raise QueryRefused("refused: the result does not fit in memory; select fewer columns or rows") from None
+        except Exception as exc:  # e.g. a value pandas cannot hold
+            raise AnalyticsError(f"the result cannot be shown: {_first_line(exc)}") from None
         seconds = time.perf_counter() - started
+        size = int(frame.memory_usage(deep=True).sum())
+        if size > MAX_RESULT_BYTES:
+            raise QueryRefused(f"refused: the result is too large to show ({size / 2**20:,.0f} MB, at most "
+                               f"{MAX_RESULT_BYTES >> 20} MB); select fewer columns or rows, or aggregate")
     finally:
-        con.close()
+        if worker is None or worker.done.is_set():
+            con.close()
+        else:  # still running (past the time limit, or the caller was interrupted): close it once it stops
+            con.interrupt()
+            worker.close_when_done()
     truncated = len(frame) > limit
     return QueryResult(frame.iloc[:limit], truncated, seconds, limit)
+
+
+INTERRUPT_GRACE_S = 1.0  # how long an interrupted query may take to stop before the caller stops waiting
+
+
+MAX_LINGERING = 2  # queries abandoned at their time limit that may still run before new ones are refused
+
+
+class _Worker:
+    """One query on its own thread: its DataFrame or its error once `done` is set."""
+
+    _abandoned: set["_Worker"] = set()
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def lingering(cls) -> int:
+        """How many abandoned queries are still running."""
+        with cls._registry_lock:
+            return len(cls._abandoned)
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, query: str) -> None:
+        self.con, self.frame, self.error = con, None, None
+        self.done = threading.Event()
+        self._close = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, args=(query,), name="analytics-sql", daemon=True).start()
+
+    def _run(self, query: str) -> None:
+        try:
+            self.frame = self.con.execute(query).df()
+        except BaseException as exc:  # handed to the caller
+            self.error = exc
+        finally:
+            with self._lock:
+                self.done.set()
+                if self._close:
+                    self.frame = None
+                    self.con.close()
+                    with _Worker._registry_lock:
+                        _Worker._abandoned.discard(self)
+
+    def close_when_done(self) -> None:
+        """Close the connection now if the query has stopped, else as soon as it does."""
+        with self._lock:
+            if self.done.is_set():
+                self.con.close()
+            else:
+                self._close = True
+                with _Worker._registry_lock:
+                    _Worker._abandoned.add(self)
 
 
 def _statements(con: duckdb.DuckDBPyConnection, query: str) -> list[Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from core.cli import fail, progress
@@ -157,11 +159,26 @@ def _print(frame, fmt: str) -> None:
             print(frame.to_string(index=False))
 
 
+def _console_script() -> bool:
+    """True in the `promptdev` command (or python -m core.cli), not when main() is called from Python."""
+    return Path(sys.argv[0]).name in ("promptdev", "cli.py") if sys.argv and sys.argv[0] else False
+
+
 def _query(args: argparse.Namespace, settings: Settings) -> int:
-    from core.analytics import run_sql
+    from core.analytics import QueryRefused, _Worker, run_sql
 
     _maybe_export(args, settings)
-    result = run_sql(settings.exports_dir, args.sql, limit=args.limit, time_limit_s=args.timeout)
+    try:
+        result = run_sql(settings.exports_dir, args.sql, limit=args.limit, time_limit_s=args.timeout)
+    except QueryRefused as exc:
+        if _Worker.lingering() and _console_script():
+            # DuckDB is still stopping the query on a thread: exit now, at the time limit, with the one-line
+            # reason (an interpreter shutdown would wait for nothing useful and print DuckDB's teardown noise).
+            print(f"promptdev: {exc}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
     _print(result.frame, args.format)
     if result.truncated:
         print(f"(first {result.limit:,} rows; raise --limit for more)", file=sys.stderr)

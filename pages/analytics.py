@@ -43,6 +43,11 @@ def utc(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
 AXIS_FORMATS = {"hour": "%b %d %H:%M", "day": "%b %d", "week": "%b %d"}
 
 
+def count_axis(field: str, title: str, **kwargs) -> alt.Y:
+    """A y axis of whole counts (no 0.000000 ticks when every count is zero or small)."""
+    return alt.Y(field, title=title, axis=alt.Axis(format=",d", tickMinStep=1), **kwargs)
+
+
 def time_axis(column: str = "bucket", title: str = "Time (UTC)", bucket: str = "hour") -> alt.X:
     """An x axis of UTC timestamps."""
     return alt.X(f"{column}:T", title=title, scale=alt.Scale(type="utc"),
@@ -129,7 +134,10 @@ try:
     source = choose("Source", options["source"], KEY_SOURCE, c_source)
     user = choose("User", options["user"], KEY_USER, c_user)
     f = Filters(start=start, end=end, template=template, version=version, model=model, source=source, user=user)
-    bucket = f.bucket()
+    # Bucket by the days that hold data within the range: a month's range over one day of data shows hours.
+    lo = max([d for d in (start, options["first_day"]) if d], default=None)
+    hi = min([d for d in (end, options["last_day"]) if d], default=None)
+    bucket = Filters(start=lo, end=hi).bucket() if lo and hi and lo <= hi else f.bucket()
 
     tabs = dict(zip(TABS, st.tabs(TABS, key=KEY_TAB, on_change="rerun")))
 
@@ -144,7 +152,10 @@ try:
                           help=f"{int(s['prompt_tokens']):,} prompt + {int(s['completion_tokens']):,} completion")
                 m3.metric("Error rate", f"{s['error_rate']:.1%}")
                 m4.metric("Latency p95", f"{s['latency_p95_ms']:,.0f} ms" if pd.notna(s["latency_p95_ms"]) else "–")
-                m5.metric("Cost", f"{s['cost']:,.4f}", help="At the prices set in the Cost tab")
+                if prices:
+                    m5.metric("Cost", f"{s['cost']:,.4f}", help="At the prices set in the Cost tab")
+                else:
+                    m5.metric("Cost", "–", help="No prices set yet: add them in the Cost tab")
                 usage = board.usage_over_time(f, bucket)
                 if usage.empty:
                     st.info("No executions in this range. Widen the dates or clear the filters.")
@@ -154,17 +165,20 @@ try:
                     with left:
                         st.subheader("Requests")
                         st.altair_chart(alt.Chart(data).mark_line(point=True).encode(
-                            time_axis(bucket=bucket), alt.Y("requests:Q", title="Generations"),
+                            time_axis(bucket=bucket), count_axis("requests:Q", "Generations"),
                             tooltip=["bucket:T", "requests:Q"]), width="stretch")
                     with right:
                         st.subheader("Errors, blocked, cancelled")
-                        outcomes = data.melt("bucket", ["errors", "blocked", "cancelled"], var_name="outcome",
-                                             value_name="count")
-                        st.altair_chart(alt.Chart(outcomes).mark_bar().encode(
-                            time_axis(bucket=bucket), alt.Y("count:Q", stack=True, title="Generations"),
-                            alt.Color("outcome:N", title=None, scale=alt.Scale(
-                                domain=["errors", "blocked", "cancelled"], range=["#d62728", "#ff7f0e", "#9e9e9e"])),
-                            tooltip=["bucket:T", "outcome:N", "count:Q"]), width="stretch")
+                        if not data[["errors", "blocked", "cancelled"]].to_numpy().any():
+                            st.success("No errors, blocked or cancelled generations in this range.")
+                        else:
+                            outcomes = data.melt("bucket", ["errors", "blocked", "cancelled"], var_name="outcome",
+                                                 value_name="count")
+                            st.altair_chart(alt.Chart(outcomes).mark_bar().encode(
+                                time_axis(bucket=bucket), count_axis("count:Q", "Generations", stack=True),
+                                alt.Color("outcome:N", title=None, scale=alt.Scale(
+                                    domain=["errors", "blocked", "cancelled"], range=["#d62728", "#ff7f0e", "#9e9e9e"])),
+                                tooltip=["bucket:T", "outcome:N", "count:Q"]), width="stretch")
                     tokens = data.rename(columns={"prompt_tokens": "prompt", "completion_tokens": "completion"}).melt(
                         "bucket", ["prompt", "completion"], var_name="kind", value_name="tokens")
                     st.subheader("Tokens")
@@ -213,23 +227,34 @@ try:
                 if cmp.empty:
                     st.info(f"No executions under the label '{label}' in this range.")
                 else:
+                    single = sorted(n for n, c in cmp.groupby("template_name")["template_version"].count().items()
+                                    if c == 1)
+                    if single:
+                        st.caption(f"Only one version served under '{label}' in this range for "
+                                   f"{', '.join(single)}: nothing to compare it with yet.")
                     cmp["version"] = "v" + cmp["template_version"].astype(str)
-                    long = cmp.melt(["template_name", "version", "first_seen"],
-                                    ["avg_prompt_tokens", "avg_completion_tokens", "latency_p50_ms", "latency_p95_ms"],
+                    measures = {"avg_prompt_tokens": "prompt tokens (mean)",
+                                "avg_completion_tokens": "completion tokens (mean)",
+                                "latency_p50_ms": "latency p50 (ms)", "latency_p95_ms": "latency p95 (ms)"}
+                    long = cmp.melt(["template_name", "version", "first_seen"], list(measures),
                                     var_name="measure", value_name="value")
+                    long["measure"] = long["measure"].map(measures)
                     st.altair_chart(alt.Chart(long).mark_bar().encode(
                         alt.X("version:N", sort=alt.SortField("first_seen"), title=None),
                         alt.Y("value:Q", title=None), alt.Color("version:N", legend=None),
-                        alt.Column("measure:N", title=None), alt.Row("template_name:N", title=None),
+                        alt.Column("measure:N", title=None, sort=list(measures.values())),
+                        alt.Row("template_name:N", title=None),
                         tooltip=["template_name", "version", "measure", alt.Tooltip("value:Q", format=",.1f")],
                     ).resolve_scale(y="independent").properties(width=140, height=160))
                     changes = cmp[["template_name", "template_version", "previous_version", "requests",
                                    "avg_prompt_tokens", "avg_completion_tokens", "latency_p50_ms", "latency_p95_ms",
                                    "error_rate", "prompt_tokens_change", "completion_tokens_change",
                                    "latency_p50_change", "latency_p95_change"]]
-                    st.dataframe(changes, hide_index=True, width="stretch", column_config={
-                        c: st.column_config.NumberColumn(format="percent") for c in changes.columns
-                        if c.endswith("_change") or c == "error_rate"})
+                    formats = {c: st.column_config.NumberColumn(format="percent") for c in changes.columns
+                               if c.endswith("_change") or c == "error_rate"}
+                    formats |= {c: st.column_config.NumberColumn(format="%.1f") for c in
+                                ("avg_prompt_tokens", "avg_completion_tokens", "latency_p50_ms", "latency_p95_ms")}
+                    st.dataframe(changes, hide_index=True, width="stretch", column_config=formats)
                     download(cmp.drop(columns="version"), "version_comparison")
 
     with tabs["Cost"]:
@@ -288,7 +313,7 @@ try:
                     st.info("No guardrail hits or halts in this range.")
                 else:
                     st.altair_chart(alt.Chart(utc(events, "bucket")).mark_bar().encode(
-                        time_axis(bucket=bucket), alt.Y("count:Q", stack=True, title="Events"), alt.Color("event:N", title=None),
+                        time_axis(bucket=bucket), count_axis("count:Q", "Events", stack=True), alt.Color("event:N", title=None),
                         tooltip=["bucket:T", "event:N", "count:Q"]), width="stretch")
                     st.caption("Halts are filtered by date and user only (an operator's halt has no template).")
                     download(events, "guardrail_events")
@@ -345,7 +370,7 @@ try:
                        "limit.")
             sql_text = st.text_area("SQL", key=KEY_SQL, height=140,
                                     placeholder="SELECT model_name, count(*) AS n FROM executions GROUP BY 1")
-            q1, q2, q3 = st.columns([1, 1, 3])
+            q1, q2, q3 = st.columns([1, 1, 3], vertical_alignment="bottom")
             limit = q1.number_input("Row limit", 1, 100_000, 1000, key="analytics.sql.limit")
             time_limit = q2.number_input("Time limit (s)", 1, 300, 10, key="analytics.sql.time_limit")
             if q3.button("Run", key="analytics.sql.run", type="primary"):

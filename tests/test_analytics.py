@@ -286,3 +286,155 @@ def test_unreadable_exports_are_one_clear_error(pool, settings):
     exports.export(pool, settings, full=True)
     with Analytics(settings.exports_dir) as a:
         assert a.summary(Filters())["requests"] == 20
+
+
+def tiny_exports(root: Path) -> Path:
+    """An exports directory with three executions written straight to Parquet (the sandbox needs no Postgres)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    day = exports.table_dir(root, "executions") / "day=2025-03-01"
+    day.mkdir(parents=True)
+    schema = exports.EXECUTIONS.schema
+    cols = {f.name: pa.array([None] * 3, f.type) for f in schema}
+    cols["id"] = pa.array([1, 2, 3], pa.int64())
+    cols["created_at"] = pa.array([datetime(2025, 3, 1, 1)] * 3, pa.timestamp("us"))
+    cols["status"] = pa.array(["ok", "ok", "error"])
+    pq.write_table(pa.table(cols, schema=schema), day / "part-test.parquet")
+    return root
+
+
+@pytest.fixture
+def sandboxed(tmp_path):
+    """A tiny exports directory, a secret outside it, and symlinks inside it that point outside."""
+    root = tiny_exports(tmp_path / "exports")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("secret\nSECRET\n")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "secret.csv").symlink_to(outside / "secret.csv")
+    (root / "passwd.csv").symlink_to("/etc/passwd")
+    (tmp_path / "exports2").mkdir()  # a sibling whose name starts like the exports directory
+    (tmp_path / "exports2" / "s.csv").write_text("a\nSIBLING\n")
+    return root
+
+
+REFUSED = [  # (query, what the one-line refusal says)
+    ("SELECT * FROM read_blob('/etc/hostname')", "only the exports can be read"),
+    ("SELECT * FROM read_parquet('/etc/passwd')", "only the exports can be read"),
+    ("select * from READ_CSV_AUTO('/etc/passwd')", "only the exports can be read"),
+    ("SELECT * FROM read_json('/etc/passwd')", "only the exports can be read"),
+    ("SELECT * FROM sniff_csv('/etc/passwd')", "only the exports can be read"),
+    ("SELECT * FROM read_text('/proc/self/environ')", "only the exports can be read"),
+    ("SELECT * FROM '/etc/passwd'", "only the exports can be read"),
+    ("FROM 'file:///etc/passwd'", "only the exports can be read"),
+    ("SELECT * FROM read_text('file:///etc/passwd')", "only the exports can be read"),
+    ("SELECT * FROM read_csv('http://127.0.0.1:9/x.csv')", "only the exports can be read"),
+    ("SELECT * FROM read_parquet('https://example.com/x.parquet')", "only the exports can be read"),
+    ("SELECT * FROM read_csv('{root}/secret.csv')", "only the exports can be read"),  # symlink to a file outside
+    ("SELECT * FROM read_csv('{root}/passwd.csv')", "only the exports can be read"),
+    ("SELECT * FROM read_csv('{root}/linked/secret.csv')", "only the exports can be read"),  # symlinked directory
+    ("SELECT * FROM read_csv('{root}/executions/../../outside/secret.csv')", "only the exports can be read"),
+    ("SELECT * FROM read_csv('{root}2/s.csv')", "only the exports can be read"),
+    ("SELECT * FROM read_text('../../etc/passwd')", "only the exports can be read"),
+    ("WITH a AS (SELECT * FROM read_text('/etc/passwd')) SELECT * FROM a", "only the exports can be read"),
+    ("SELECT (SELECT content FROM read_text('/etc/passwd')) AS c", "only the exports can be read"),
+    ("SELECT * FROM executions WHERE id IN (SELECT size FROM read_blob('/etc/passwd'))", "only the exports can be read"),
+    ("SELECT * FROM query('SELECT * FROM read_text(''/etc/passwd'')')", "only the exports can be read"),
+    ("SELECT * FROM duckdb_extensions()", "only the exports can be read"),
+    ("EXPORT DATABASE '{root}/dump'", "EXPORT statements are not allowed"),
+    ("/* hi */ cOpY (select 1) TO '{root}/x.csv'", "COPY statements are not allowed"),
+    ("  \n-- c\ncopy executions from '/etc/passwd'", "COPY statements are not allowed"),
+    ("LOAD httpfs", "extensions cannot be installed or loaded"),
+    ("FORCE INSTALL httpfs FROM 'http://127.0.0.1:9'", "extensions cannot be installed or loaded"),
+    ("RESET enable_external_access", "settings are locked"),
+    ("SET GLOBAL allowed_directories = ['/']", "settings are locked"),
+    ("PRAGMA enable_profiling", "settings are locked"),
+    ("CALL pragma_version()", "only queries can run here"),
+    ("CREATE SECRET s (TYPE s3, KEY_ID 'k', SECRET 'v')", "read-only"),
+    ("CREATE OR REPLACE VIEW executions AS SELECT 1", "read-only"),
+    ("DETACH memory", "read-only"),
+    ("SELECT ';' AS a; COPY (SELECT 1) TO '{root}/y.csv'", "one statement at a time"),
+    # breaking out of the wrapping subquery does not parse, so nothing runs
+    ("SELECT 1) AS q; COPY (SELECT 1) TO '{root}/z.csv'; SELECT * FROM (SELECT 1", "syntax error"),
+    ("PIVOT executions ON status USING count(*)", "PIVOT must list its values"),
+]
+
+
+@pytest.mark.parametrize("query, reason", REFUSED)
+def test_sql_box_refuses_escapes_in_one_line(sandboxed, query, reason):
+    with pytest.raises(AnalyticsError) as caught:
+        analytics.run_sql(sandboxed, query.format(root=sandboxed), time_limit_s=5)
+    message = str(caught.value)
+    assert reason in message and "\n" not in message
+    assert isinstance(caught.value, QueryRefused) == (reason != "syntax error")
+    assert not any((sandboxed / n).exists() for n in ("dump", "x.csv", "y.csv", "z.csv"))
+
+
+def test_sql_box_allows_reads_inside_the_exports(sandboxed):
+    assert analytics.run_sql(sandboxed, "SELECT count(*) AS n FROM executions").frame["n"].iloc[0] == 3
+    pivot = analytics.run_sql(sandboxed, "PIVOT executions ON status IN ('ok', 'error') USING count(*) GROUP BY day")
+    assert pivot.frame[["ok", "error"]].iloc[0].tolist() == [2, 1]
+    listed = analytics.run_sql(sandboxed, f"SELECT file FROM glob('{sandboxed}/**/*.parquet')").frame["file"]
+    assert [Path(p).name for p in listed] == ["part-test.parquet"]
+    assert analytics.run_sql(sandboxed, "SELECT ';' AS a -- ; COPY").frame["a"].iloc[0] == ";"
+
+
+def test_sql_box_answers_at_the_time_limit_even_when_duckdb_cannot_be_interrupted(sandboxed):
+    import time as _time
+
+    started = _time.perf_counter()
+    with pytest.raises(QueryRefused, match=r"^stopped: the query ran longer than the 0.5 s time limit"):
+        analytics.run_sql(sandboxed, "SELECT list_sort(range(20000000))[1] AS x", time_limit_s=0.5)
+    assert _time.perf_counter() - started < 0.5 + analytics.INTERRUPT_GRACE_S + 1.0
+    started = _time.perf_counter()
+    with pytest.raises(QueryRefused, match="time limit"):  # a cross join that would run for ever
+        analytics.run_sql(sandboxed, "SELECT count(*) FROM range(100000000) a, range(100000000) b", time_limit_s=0.5)
+    assert _time.perf_counter() - started < 0.5 + analytics.INTERRUPT_GRACE_S + 1.0
+    assert analytics.run_sql(sandboxed, "SELECT 1 AS one").frame["one"].iloc[0] == 1
+
+
+def test_sql_box_refuses_a_result_too_large_to_show(sandboxed, monkeypatch):
+    monkeypatch.setattr(analytics, "MAX_RESULT_BYTES", 1 << 20)
+    with pytest.raises(QueryRefused, match=r"^refused: the result is too large to show \(\d+ MB, at most 1 MB\)"):
+        analytics.run_sql(sandboxed, "SELECT repeat('x', 100000) AS s FROM range(50)")
+    assert len(analytics.run_sql(sandboxed, "SELECT repeat('x', 100) AS s FROM range(50)").frame) == 50
+
+
+def wait_for_abandoned_queries(seconds: float = 60) -> int:
+    import time as _time
+
+    deadline = _time.monotonic() + seconds
+    while analytics._Worker.lingering() and _time.monotonic() < deadline:
+        _time.sleep(0.1)
+    return analytics._Worker.lingering()
+
+
+def test_sql_box_refuses_new_queries_while_abandoned_ones_still_run(sandboxed, monkeypatch):
+    assert wait_for_abandoned_queries() == 0  # an earlier test's may still run
+    monkeypatch.setattr(analytics, "MAX_LINGERING", 1)
+    with pytest.raises(QueryRefused, match="time limit"):
+        analytics.run_sql(sandboxed, "SELECT list_sort(range(20000000))[1] AS x", time_limit_s=0.2)
+    if analytics._Worker.lingering():  # DuckDB could not stop it at once: a second one would pile up
+        with pytest.raises(QueryRefused, match=r"^refused: 1 earlier queries past their time limit are still being"):
+            analytics.run_sql(sandboxed, "SELECT 1")
+    assert wait_for_abandoned_queries() == 0  # its connection is closed once DuckDB lets go
+    assert analytics.run_sql(sandboxed, "SELECT 1 AS one").frame["one"].iloc[0] == 1
+
+
+def test_cli_query_over_its_time_limit_exits_at_once_with_one_line(app_env):
+    import os
+    import subprocess
+    import sys
+    import time as _time
+
+    promptdev = Path(sys.executable).with_name("promptdev")
+    started = _time.monotonic()
+    done = subprocess.run([str(promptdev), "analytics", "query", "SELECT list_sort(range(20000000))[1] AS x",
+                           "--timeout", "0.5", "--no-export"], capture_output=True, text=True, env=os.environ.copy(),
+                          timeout=120)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("WARNING")]
+    assert lines == ["promptdev: stopped: the query ran longer than the 0.5 s time limit (it is being cancelled)"] \
+        or lines == ["promptdev: stopped: the query ran longer than the 0.5 s time limit"]
+    assert _time.monotonic() - started < 30

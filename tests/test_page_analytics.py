@@ -100,17 +100,25 @@ def test_sql_box_answers_and_refuses(app_env, pool):
     assert at.dataframe[0].value["n"].iloc[0] == 300 and downloads(at) == ["Download query.csv"]
     for query, reason in (("SELECT * FROM read_csv('/etc/passwd')", "refused: only the exports can be read"),
                           ("COPY executions TO 'x.csv'", "refused: COPY statements are not allowed"),
-                          ("ATTACH 'x.duckdb'", "refused: ATTACH statements are not allowed")):
+                          ("ATTACH 'x.duckdb'", "refused: ATTACH statements are not allowed"),
+                          ("SELECT * FROM '/etc/passwd'", "refused: only the exports can be read"),
+                          ("WITH a AS (SELECT * FROM read_text('/etc/passwd')) SELECT * FROM a",
+                           "refused: only the exports can be read"),
+                          ("SELECT ';'; INSTALL httpfs", "refused: one statement at a time"),
+                          ("SELECT count(*) FROM range(100000000) a, range(100000000) b",
+                           "stopped: the query ran longer than the 1 s time limit")):
         at.text_area(key="analytics.sql").input(query)
+        at.number_input(key="analytics.sql.time_limit").set_value(1)
         at.button(key="analytics.sql.run").click().run()
         assert not at.exception
-        assert len(at.error) == 1 and at.error[0].value.startswith(reason)
+        assert len(at.error) == 1 and at.error[0].value.startswith(reason), [e.value for e in at.error]
+        assert "\n" not in at.error[0].value  # one line
         assert not at.dataframe  # the previous result is gone
 
 
 def test_empty_ledger_is_explained(app_env):
     at = open_page()
-    assert metrics(at)["Requests"] == "0"
+    assert metrics(at)["Requests"] == "0" and metrics(at)["Cost"] == "–"  # no prices: no made-up zero cost
     assert any("No executions in this range" in i.value for i in at.info)
 
 
@@ -132,3 +140,20 @@ def test_a_running_export_is_not_waited_for(app_env, pool):
         assert [s.label for s in at.status] == ["Another export is running: showing the data exported so far"]
     finally:
         list(running)
+
+
+def test_a_day_of_clean_data_is_drawn_by_hour_without_an_empty_error_chart(app_env, pool):
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    with pool.connection() as conn:
+        for hours_ago in (0, 1, 1, 2):
+            conn.execute("INSERT INTO executions (created_at, finished_at, status, source, model_name, backend, "
+                         "prompt_tokens, completion_tokens, ttft_ms, total_ms) "
+                         "VALUES (%s, %s, 'ok', 'api', 'gemma', 'llama_cpp', 10, 4, 5, 50)",
+                         (now - timedelta(hours=hours_ago), now - timedelta(hours=hours_ago)))
+    at = open_page()
+    assert metrics(at)["Requests"] == "4" and not at.error
+    assert any("No errors, blocked or cancelled" in s.value for s in at.success)
+    assert len(charts(at)) == 2  # requests and tokens; no chart of zeros
+    assert "%H:%M" in charts(at)[0]  # drawn by hour although the range picked is 30 days
