@@ -7,6 +7,7 @@ exhausted its `usage` holds token counts, time to first token, total time and th
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -232,6 +233,14 @@ class _StopMatcher:
         return out
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (llama.cpp's own default takes half, assuming hyper-threads)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class LlamaBackend(Backend):
     """llama-cpp-python in this process: one `Llama`, shared by every caller under a lock.
 
@@ -251,7 +260,7 @@ class LlamaBackend(Backend):
         try:
             self.llm = Llama(
                 model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=n_threads or None, verbose=False, seed=0)
+                n_threads=n_threads or available_cpus(), verbose=False, seed=0)
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(f"could not load model {model_path}: {exc}") from None
         self.load_s = time.perf_counter() - started
@@ -536,7 +545,6 @@ _backends_lock = threading.Lock()
 
 def get_backend(settings: Settings) -> Backend:
     """The process-wide backend for these settings: the model is loaded once and shared."""
-    import os
 
     if settings.backend == "openai":
         key = ("openai", settings.openai_base_url, settings.openai_model)
