@@ -6,6 +6,7 @@ exhausted its `usage` holds token counts, time to first token, total time and th
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -233,6 +235,19 @@ class _StopMatcher:
         return out
 
 
+_loaded: "weakref.WeakSet[LlamaBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _free_models() -> None:
+    """Free loaded models while the interpreter still works (llama_cpp's own __del__ fails at shutdown)."""
+    for backend in list(_loaded):
+        try:
+            backend.llm.close()
+        except Exception:
+            pass
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (llama.cpp's own default takes half, assuming hyper-threads)."""
     try:
@@ -264,6 +279,7 @@ class LlamaBackend(Backend):
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(f"could not load model {model_path}: {exc}") from None
         self.load_s = time.perf_counter() - started
+        _loaded.add(self)
         self.model_path = model_path
         self.name = name or model_path.stem
         self.n_ctx = self.llm.n_ctx()
