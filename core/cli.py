@@ -48,7 +48,7 @@ def progress(iterable, total: int | None = None, label: str = "", stream=None):
 
 
 def _setup(args: argparse.Namespace, settings: Settings) -> None:
-    from core import db
+    from core import db, runtime, status
     from core.model_files import ensure_default_model
 
     from core.model_files import check_gguf
@@ -61,25 +61,17 @@ def _setup(args: argparse.Namespace, settings: Settings) -> None:
     else:
         check_gguf(settings.model_path)
         print(f"model: {settings.model_path}")
-    url = db.database_url(settings)
-    pool = db.get_pool(settings)  # migrates
-    with pool.connection() as conn:
-        info = db.server_info(conn)
-        applied = db.applied_migrations(conn)
-    where = "embedded" if settings.embedded_database else "external"
-    print(f"database: {where} PostgreSQL {info['version']}, {len(applied)} migrations applied")
+    info = status.database_status(runtime.database(settings), settings)  # starts and migrates
+    print(f"database: {info['kind'].lower()} PostgreSQL {info['version']}, {info['migrations']} migrations applied")
     if args.verbose:
-        print(f"url: {db._redact(url)}")
+        print(f"url: {db._redact(db.database_url(settings))}")
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> None:
-    from core import db
+    from core import runtime, status
 
-    pool = db.get_pool(settings)
-    with pool.connection() as conn:
-        info = db.server_info(conn)
-    print(f"database: {'embedded' if settings.embedded_database else 'external'} PostgreSQL {info['version']} "
-          f"({info['size_bytes'] / 1e6:.1f} MB)")
+    info = status.database_status(runtime.database(settings), settings)
+    print(f"database: {info['kind'].lower()} PostgreSQL {info['version']} ({info['size_bytes'] / 1e6:.1f} MB)")
     print(f"data dir: {settings.data_dir}")
 
 
@@ -134,25 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("promptdev: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a user never sees a traceback; the type and message say enough
-        known = _known_error(exc)
-        if known is None:
+        from core.errors import is_expected, user_message
+
+        if not is_expected(exc):
             raise
-        print(f"promptdev: {known}", file=sys.stderr)
+        print(f"promptdev: {user_message(exc)}", file=sys.stderr)
         return 1
-
-
-def _known_error(exc: Exception) -> str | None:
-    from core.db import DatabaseError
-    from core.llm import GenerationError
-    from core.model_files import ModelFileError
-
-    if isinstance(exc, (DatabaseError, GenerationError, ModelFileError, ValueError, LookupError, PermissionError)):
-        return str(exc)
-    import psycopg
-
-    if isinstance(exc, psycopg.Error):
-        return f"database error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    return None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from core import llm
 from core.config import CHAT_FORMATS, Settings, default_model_path
 from core.model_files import check_gguf, file_sha256
 
-MODEL_BACKENDS = ("llama_cpp", "openai")
+IN_PROCESS, SERVER = "llama_cpp", "openai"  # a GGUF loaded in this process; an OpenAI-compatible server
+MODEL_BACKENDS = (IN_PROCESS, SERVER)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,99}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _REGISTRY_LOCK_KEY = 7_346_221_010  # pg_advisory_xact_lock key: one registrar of the default model at a time

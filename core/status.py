@@ -34,8 +34,8 @@ def database_status(pool: ConnectionPool, settings: Settings) -> dict[str, Any]:
 
 
 def model_status(backend: Backend) -> dict[str, Any]:
-    """What the backend says about itself."""
-    return backend.describe()
+    """What the backend says about itself, plus `in_process` (a local GGUF rather than a server)."""
+    return {**backend.describe(), "in_process": backend.kind == "llama_cpp"}
 
 
 def warm_up(backend: Backend, max_tokens: int = 32) -> dict[str, Any]:

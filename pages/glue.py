@@ -1,6 +1,6 @@
 """Streamlit glue shared by the pages: cached resources (settings, pool, model, worker), error display, keys.
 
-Pages call `core` through these; they never touch SQL or llama_cpp. Never mutate what a cached resource returns.
+Pages call `core` through these; they never touch SQL or the model library. Never mutate what a cached resource returns.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import psycopg
 import streamlit as st
-from psycopg_pool import ConnectionPool
 
-from core import db, llm
+from core import runtime
 from core.config import Settings, SettingsError, load_settings
-from core.model_files import ModelFileError
+from core.errors import EXPECTED_ERRORS, user_message
 
 log = logging.getLogger("promptdev.ui")
 
@@ -72,45 +70,40 @@ def settings() -> Settings:
 
 
 @st.cache_resource(show_spinner="Starting the database…")
-def _pool(url: str | None, data_dir: str) -> ConnectionPool:
-    return db.get_pool(load_settings())
+def _pool(url: str | None, data_dir: str):
+    return runtime.database(load_settings())
 
 
-def pool() -> ConnectionPool:
+def pool():
     """The process-wide connection pool (one per database), migrated."""
     s = settings()
     try:
         return _pool(s.database_url, str(s.data_dir))
-    except db.DatabaseError as exc:
-        st.error(f"Database unavailable — {exc}")
+    except EXPECTED_ERRORS as exc:
+        st.error(f"Database unavailable — {user_message(exc)}")
         st.stop()
         raise
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def _backend(key: tuple) -> llm.Backend:
-    return llm.get_backend(load_settings())
+def _backend(key: tuple):
+    return runtime.model(load_settings())
 
 
-def backend() -> llm.Backend:
+def backend():
     """The process-wide model backend for the current settings (loaded once, shared by every session)."""
     s = settings()
-    key = (s.backend, str(s.model_path), s.n_ctx, s.n_threads, s.n_batch, s.chat_format, s.openai_base_url,
-           s.openai_model)
     try:
-        return _backend(key)
-    except (ModelFileError, llm.GenerationError, ValueError) as exc:
-        st.error(f"Model unavailable — {exc}")
+        return _backend(runtime.model_key(s))
+    except EXPECTED_ERRORS as exc:
+        st.error(f"Model unavailable — {user_message(exc)}")
         st.stop()
         raise
 
 
 @st.cache_resource
 def _worker(url: str | None, data_dir: str):
-    from core import worker
-
-    s = load_settings()
-    return worker.start_thread(db.get_pool(s), s)
+    return runtime.start_worker(load_settings())
 
 
 def start_worker() -> None:
@@ -118,54 +111,38 @@ def start_worker() -> None:
     s = settings()
     try:
         _worker(s.database_url, str(s.data_dir))
-    except db.DatabaseError as exc:
-        log.warning("worker not started: %s", exc)
+    except EXPECTED_ERRORS as exc:
+        log.warning("worker not started: %s", user_message(exc))
 
 
 @st.cache_resource
 def _metrics(port: int) -> int | None:
-    from core import metrics
-
-    return metrics.start_metrics_server(load_settings())
+    return runtime.start_metrics(load_settings())
 
 
 def start_metrics() -> None:
     """Serve Prometheus metrics on PROMPTDEV_METRICS_PORT once per process (off when the port is 0)."""
-    from core.metrics import MetricsError
-
     s = settings()
-    if not s.metrics_port:
-        return
-    try:
+    if s.metrics_port:
         _metrics(s.metrics_port)
-    except MetricsError as exc:
-        log.warning("metrics endpoint not started: %s", exc)
 
 
-def error_message(exc: BaseException) -> str:
-    """A one-line message for an exception, without internals."""
-    if isinstance(exc, psycopg.Error):
-        diag = getattr(exc, "diag", None)
-        text = (diag.message_primary if diag is not None and diag.message_primary else str(exc)).splitlines()
-        return f"Database error: {text[0] if text else type(exc).__name__}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+error_message = user_message  # a one-line message for an exception, without internals (core.errors)
 
 
 def show_error(exc: BaseException) -> None:
     """Show an exception as a clear one-line error (the traceback goes to the server log only)."""
     log.info("user-facing error", exc_info=exc)
-    st.error(error_message(exc))
+    st.error(user_message(exc))
 
 
 @contextmanager
 def reported(*errors: type[BaseException]) -> Iterator[None]:
-    """Run a block; expected errors (ValueError, LookupError, database, model, UserError and any given) are shown
-    as one line instead of a traceback."""
+    """Run a block; expected errors (bad input, database, model, UserError and any given) are shown as one line
+    instead of a traceback."""
     try:
         yield
-    except (UserError, ValueError, LookupError, PermissionError, psycopg.Error, llm.GenerationError,
-            ModelFileError, db.DatabaseError, *errors) as exc:
+    except (UserError, *EXPECTED_ERRORS, *errors) as exc:
         show_error(exc)
 
 

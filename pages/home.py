@@ -29,7 +29,7 @@ with model_col:
     st.markdown(f"**{facts['name']}** · {facts['backend']}")
     a, b, c = st.columns(3)
     a.metric("Context", f"{facts['n_ctx']:,}")
-    if facts["backend"] == "llama_cpp":
+    if facts["in_process"]:
         b.metric("File size", glue.human_bytes(facts["file_size"]))
         c.metric("Load time", f"{facts['load_s']:.2f} s")
         st.caption(f"Architecture `{facts['architecture']}` · {facts['n_threads']} threads · "

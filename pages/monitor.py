@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import altair as alt
 import pandas as pd
-import psycopg
 import streamlit as st
 
 from core import conversations, guardrails, templates
+from core.errors import EXPECTED_ERRORS
 from pages import glue
 
 log = logging.getLogger("promptdev.ui.monitor")
@@ -87,7 +87,7 @@ def act(fn: Callable[[], Any], done: str | Callable[[Any], str], clear: tuple[st
     """Run an operator action from a widget callback; its outcome (or a one-line error) shows on the next run."""
     try:
         result = fn()
-    except (ValueError, LookupError, PermissionError, psycopg.Error) as exc:
+    except EXPECTED_ERRORS as exc:
         log.info("monitor action refused", exc_info=exc)
         ss[KEY_FLASH] = ("error", glue.error_message(exc))
         return

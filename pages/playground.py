@@ -15,8 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from core import executions, models, templates
-from core.executions import Execution, Origin
-from core.llm import GenerationParams
+from core.executions import Execution, GenerationParams, Origin
 from pages import glue
 
 log = logging.getLogger("promptdev.ui.playground")
@@ -634,7 +633,7 @@ with models_tab:
     st.subheader("Register a model")
     with st.form("playground.models.form", clear_on_submit=False):
         m_name = st.text_input("Name", key="playground.models.name")
-        m_kind = st.radio("Kind", ["GGUF file (in-process llama.cpp)", "OpenAI-compatible server"],
+        m_kind = st.radio("Kind", ["GGUF file (in-process model)", "OpenAI-compatible server"],
                           key="playground.models.kind", horizontal=True)
         m_path = st.text_input("GGUF path", key="playground.models.path")
         m_url = st.text_input("Base URL", key="playground.models.base_url", placeholder="http://host:8000/v1")
@@ -650,7 +649,7 @@ with models_tab:
                 gguf = m_kind.startswith("GGUF")
                 with st.spinner("Checking the model…"):
                     added = models.register_model(
-                        pool, m_name, backend="llama_cpp" if gguf else "openai", path=m_path.strip() if gguf else None,
+                        pool, m_name, backend=models.IN_PROCESS if gguf else models.SERVER, path=m_path.strip() if gguf else None,
                         base_url=None if gguf else m_url.strip(), remote_model=None if gguf else m_remote.strip(),
                         api_key_env=None if gguf else m_key.strip(), chat_format=m_format, n_ctx=int(m_ctx))
                 st.session_state[KEY_MODELS_MSG] = f"Registered {added.name} ({added.backend})"
