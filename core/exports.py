@@ -5,6 +5,11 @@ the table's time column, and timestamps are stored as UTC ``timestamp`` without 
 would otherwise dominate every query). Rows stream from ``COPY (SELECT …) TO STDOUT`` through Arrow's CSV reader
 into Parquet writers: no Python loop over rows.
 
+The rows of each row group are clustered by the table's ``cluster`` columns, then id, for the dashboards' scans.
+Executions are clustered by status, template, version and model: failed runs (no latencies) lie together, so missing
+values come in runs and the `status = 'ok'` filter keeps contiguous rows, and grouping keys repeat in long runs
+(measured on 1M executions: most dashboard queries 10-35 % faster than with rows in id order).
+
 Incremental and safe while the app writes: each table has a watermark (``last_id``) per exports directory. Ids are
 handed out by a sequence when a row is inserted, but rows become visible when their transaction commits, so a
 snapshot can see id 101 while id 100 is still in flight. Every export therefore reads in one REPEATABLE READ
@@ -108,6 +113,7 @@ class TableSpec:
     requires: tuple[str, ...] = ()  # other tables the joins need
     ready: str | None = None  # SQL predicate of rows in their final state; others are exported once they are
     keep: str | None = None  # SQL predicate of final rows worth exporting; other final rows are passed over
+    cluster: tuple[str, ...] = ()  # columns the rows of each row group are sorted by (then by id)
 
     @property
     def schema(self) -> pa.Schema:
@@ -118,6 +124,11 @@ class TableSpec:
     def tables(self) -> tuple[str, ...]:
         """Every PostgreSQL table the export reads."""
         return (self.table, *self.requires)
+
+    @property
+    def sort_keys(self) -> list[tuple[str, str]]:
+        """The order of rows within a row group: the cluster columns, then id (Arrow sort keys)."""
+        return [(c, "ascending") for c in (*self.cluster, self.id_column)]
 
 
 def _error_line(column: str) -> str:
@@ -136,6 +147,7 @@ EXECUTIONS = TableSpec(
         Column("error", STR, _error_line("t.error")), Column("rerun_of", I64),
     ),
     ready="t.status NOT IN ('queued', 'running')",  # a submitted execution is exported once it has finished
+    cluster=("status", "template_name", "template_version", "model_name"),
 )
 
 # Message metadata only (the text stays in PostgreSQL, where retention can delete it): its length in characters.
@@ -456,7 +468,7 @@ class _PartitionWriter:
             self.writers[day] = writer
         else:
             self.writers.move_to_end(day)
-        writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
+        _write_clustered(writer, rows, self.spec)
 
     def close(self) -> list[Path]:
         """Flush everything, close and fsync the files; return their final paths (still named *.tmp)."""
@@ -479,6 +491,12 @@ class _PartitionWriter:
         self.writers.clear()
         for path in self.files:
             _tmp(path).unlink(missing_ok=True)
+
+
+def _write_clustered(writer: pq.ParquetWriter, rows: pa.Table, s: TableSpec) -> None:
+    """Write rows as row groups of ROW_GROUP_ROWS, each sorted by the table's cluster columns, then id."""
+    for lo in range(0, rows.num_rows, ROW_GROUP_ROWS):
+        writer.write_table(rows.slice(lo, ROW_GROUP_ROWS).sort_by(s.sort_keys), row_group_size=ROW_GROUP_ROWS)
 
 
 def _tmp(path: Path) -> Path:
@@ -664,7 +682,8 @@ def _compact(conn: Any, root: Path, target: str, s: TableSpec, day_dir: Path) ->
     table = table.sort_by(s.id_column)
     run_id = uuid.uuid4()
     final = day_dir / f"part-{run_id.hex}-c.parquet"
-    pq.write_table(table, _tmp(final), compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+    with pq.ParquetWriter(_tmp(final), s.schema, compression=PARQUET_COMPRESSION) as writer:
+        _write_clustered(writer, table, s)  # row groups in id order, each clustered
     _fsync(_tmp(final))
     rel_new, rel_old = [str(final.relative_to(root))], [str(p.relative_to(root)) for p in parts]
     conn.execute("INSERT INTO export_runs (id, target, table_name, kind, rows, files, replaces, started_at) "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import psycopg
+import pyarrow.parquet as pq
 import pytest
 
 from core import exports
@@ -282,6 +283,38 @@ def test_small_exports_are_compacted(pool, settings, monkeypatch):
     assert len(files) < 4
     assert exported(settings, "count(*) - count(DISTINCT id)")[0] == 0
     assert exported(settings) == in_postgres(pool) and in_postgres(pool, "count(*)")[0] == 30
+
+
+def test_row_groups_are_clustered_for_the_dashboards(pool, settings, monkeypatch):
+    monkeypatch.setattr(exports, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(exports, "COMPACT_AT", 3)
+    spec = exports.EXECUTIONS
+    key = [c for c, _ in spec.sort_keys]
+    assert key == ["status", "template_name", "template_version", "model_name", "id"]
+
+    def check(expect_files: int) -> list[int]:
+        files = exports.parquet_files(settings.exports_dir, "executions")
+        assert len(files) == expect_files
+        first_ids = []
+        for path in files:
+            f = pq.ParquetFile(path)
+            assert f.num_row_groups > 1
+            for rows in (f.read_row_group(i).to_pylist() for i in range(f.num_row_groups)):
+                keys = [tuple(r[c] for c in key) for r in rows]
+                assert keys == sorted(keys)  # clustered: status, template, version, model, then id
+                first_ids.append(min(r["id"] for r in rows))
+        assert exported(settings) == in_postgres(pool)
+        return first_ids
+
+    seed(pool, 400, start=datetime(2025, 3, 1, 1, tzinfo=UTC), span_hours=20)
+    exports.export(pool, settings)
+    check(1)
+    for i in range(2):  # a third file of the same day is compacted into one, row groups still clustered
+        seed(pool, 100, start=datetime(2025, 3, 1, 1, tzinfo=UTC), span_hours=20, rng_seed=i + 1)
+        exports.export(pool, settings)
+    firsts = check(1)
+    assert exported(settings, "count(*)")[0] == 600
+    assert firsts == sorted(firsts)  # a compacted file keeps its row groups in id order
 
 
 def test_full_rebuild_and_a_fresh_directory_start_over(pool, settings, tmp_path):
