@@ -29,6 +29,10 @@ BUCKETS = {"hour": "date_trunc('hour', created_at)", "day": "CAST(day AS TIMESTA
 COST_GROUPS = {"template": "coalesce(template_name, '(none)')", "user": "coalesce(user_id, '(anonymous)')",
                "day": "day", "model": "model_name"}
 ANOMALY_METRICS = ("tokens per request", "mean latency (ms)")
+# The cost of a row of usage `u` (tokens and compute seconds of one model) at its price `p`, else the default `d`.
+_COST = ("u.prompt_tokens / 1000.0 * coalesce(p.prompt_per_1k, d.prompt_per_1k, 0) "
+         "+ u.completion_tokens / 1000.0 * coalesce(p.completion_per_1k, d.completion_per_1k, 0) "
+         "+ u.compute_s * coalesce(p.per_compute_second, d.per_compute_second, 0)")
 DEFAULT_ROW_LIMIT = 1000
 DEFAULT_TIME_LIMIT_S = 10.0
 _DUCK_TYPES = {pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.float64(): "DOUBLE", pa.string(): "VARCHAR",
@@ -199,6 +203,7 @@ def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB") -
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
+        con.execute("SET parquet_metadata_cache = true")  # export files never change once written
         for s in exports.TABLES:
             if exports.parquet_files(root, s.name):
                 pattern = str(exports.table_dir(root, s.name) / "day=*" / "*.parquet")
@@ -412,6 +417,24 @@ class Analytics:
         except duckdb.Error as exc:
             raise AnalyticsError(f"analytics query failed: {_first_line(exc)}") from None
 
+    def _rows(self, query: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
+        try:
+            try:
+                return self.con.execute(query, dict(params or {})).fetchall()
+            except duckdb.IOException:  # as in _df
+                return self.con.execute(query, dict(params or {})).fetchall()
+        except duckdb.Error as exc:
+            raise AnalyticsError(f"analytics query failed: {_first_line(exc)}") from None
+
+    @staticmethod
+    def _prices(prices: Sequence[Price], params: dict[str, Any]) -> str:
+        """The prices as a parameterised VALUES list (adding its parameters); no prices: everything costs 0."""
+        rows = [(p.model_name, float(p.prompt_per_1k), float(p.completion_per_1k), float(p.per_compute_second))
+                for p in prices] or [("*", 0.0, 0.0, 0.0)]
+        for i, (m, pp, pcx, ps) in enumerate(rows):
+            params.update({f"pm{i}": m, f"pp{i}": pp, f"pc{i}": pcx, f"ps{i}": ps})
+        return ", ".join(f"($pm{i}, $pp{i}, $pc{i}, $ps{i})" for i in range(len(rows)))
+
     def _where(self, view: str, f: Filters, *, skip: Sequence[str] = (), start: date | None = None) -> tuple[str, dict]:
         conds, params = [], {}
         start = start or f.start
@@ -454,18 +477,36 @@ class Analytics:
 
     # -- dashboards
     def summary(self, f: Filters, prices: Sequence[Price] = ()) -> dict[str, Any]:
-        """Headline figures: requests, tokens, error rate, p95 latency and cost."""
+        """Headline figures: requests, tokens, error rate, p95 latency and cost (the cost tab's total), in one query."""
         where, params = self._where("executions", f)
-        row = self._df(
-            f"""SELECT count(*) AS requests, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-                       coalesce(sum(completion_tokens), 0) AS completion_tokens,
-                       coalesce(avg(CASE WHEN status = 'error' THEN 1.0 ELSE 0.0 END), 0) AS error_rate,
-                       quantile_cont(total_ms, 0.95) FILTER (WHERE status = 'ok') AS latency_p95_ms,
-                       quantile_cont(ttft_ms, 0.95) FILTER (WHERE status = 'ok') AS ttft_p95_ms
-                FROM executions{where}""", params).iloc[0].to_dict()
-        cost = self.cost(f, prices, by="model")
-        row["cost"] = float(cost["cost"].sum()) if len(cost) else 0.0
-        return row
+        values = self._prices(prices, params)
+        rows = self._rows(
+            f"""WITH prices(model_name, prompt_per_1k, completion_per_1k, per_compute_second) AS (VALUES {values}),
+                overall AS (
+                    SELECT coalesce(avg(CASE WHEN status = 'error' THEN 1.0 ELSE 0.0 END), 0) AS error_rate,
+                           quantile_cont(total_ms, 0.95) FILTER (WHERE status = 'ok') AS latency_p95_ms,
+                           quantile_cont(ttft_ms, 0.95) FILTER (WHERE status = 'ok') AS ttft_p95_ms
+                    FROM executions{where}),
+                usage AS (
+                    SELECT model_name, count(*) AS requests, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                           coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                           coalesce(sum(total_ms), 0) / 1000.0 AS compute_s
+                    FROM executions{where} GROUP BY model_name),
+                costs AS (
+                    SELECT u.*, {_COST} AS cost
+                    FROM usage AS u
+                    LEFT JOIN prices AS p ON p.model_name = u.model_name
+                    LEFT JOIN (SELECT * FROM prices WHERE model_name = '*') AS d ON true)
+                SELECT o.error_rate, o.latency_p95_ms, o.ttft_p95_ms, c.requests, c.prompt_tokens,
+                       c.completion_tokens, c.cost
+                FROM overall AS o LEFT JOIN costs AS c ON true
+                ORDER BY c.cost DESC, c.model_name""", params)
+        error_rate, latency, ttft = rows[0][:3]
+        per_model = [r[3:] for r in rows if r[3] is not None]
+        return {"requests": sum(r[0] for r in per_model), "prompt_tokens": int(sum(r[1] for r in per_model)),
+                "completion_tokens": int(sum(r[2] for r in per_model)), "error_rate": float(error_rate),
+                "latency_p95_ms": _nan(latency), "ttft_p95_ms": _nan(ttft),
+                "cost": float(pd.Series([r[3] for r in per_model], dtype="float64").sum())}  # as the cost tab sums
 
     def usage_over_time(self, f: Filters, bucket: str | None = None) -> pd.DataFrame:
         """Per time bucket: requests, prompt and completion tokens, errors, blocked and cancelled generations."""
@@ -500,14 +541,14 @@ class Analytics:
         where, params = self._where("executions", f)
         where = (where + " AND " if where else " WHERE ") + "status = 'ok'"
         return self._df(
-            f"""WITH q AS (
-                    SELECT coalesce(template_name, '(no template)') AS template_name, template_version, model_name,
-                           count(*) AS requests, avg(prompt_tokens) AS avg_prompt_tokens,
-                           avg(completion_tokens) AS avg_completion_tokens,
+            f"""WITH q AS (  -- grouped on the stored name (hashing an expression costs); a slug has no '('
+                    SELECT template_name, template_version, model_name, count(*) AS requests,
+                           avg(prompt_tokens) AS avg_prompt_tokens, avg(completion_tokens) AS avg_completion_tokens,
                            quantile_cont(total_ms, [0.5, 0.95, 0.99]) AS lat,
                            quantile_cont(ttft_ms, [0.5, 0.95, 0.99]) AS ttft
                     FROM executions{where} GROUP BY ALL)
-                SELECT template_name, template_version, model_name, requests, avg_prompt_tokens, avg_completion_tokens,
+                SELECT coalesce(template_name, '(no template)') AS template_name, template_version, model_name,
+                       requests, avg_prompt_tokens, avg_completion_tokens,
                        lat[1] AS latency_p50_ms, lat[2] AS latency_p95_ms, lat[3] AS latency_p99_ms,
                        ttft[1] AS ttft_p50_ms, ttft[2] AS ttft_p95_ms, ttft[3] AS ttft_p99_ms
                 FROM q ORDER BY template_name, template_version NULLS FIRST, model_name""", params)
@@ -547,11 +588,7 @@ class Analytics:
         if by not in COST_GROUPS:
             raise AnalyticsError(f"cost can be grouped by {', '.join(COST_GROUPS)}, not {by!r}")
         where, params = self._where("executions", f)
-        rows = [(p.model_name, float(p.prompt_per_1k), float(p.completion_per_1k), float(p.per_compute_second))
-                for p in prices] or [("*", 0.0, 0.0, 0.0)]
-        values = ", ".join(f"($pm{i}, $pp{i}, $pc{i}, $ps{i})" for i in range(len(rows)))
-        for i, (m, pp, pcx, ps) in enumerate(rows):
-            params.update({f"pm{i}": m, f"pp{i}": pp, f"pc{i}": pcx, f"ps{i}": ps})
+        values = self._prices(prices, params)
         return self._df(
             f"""WITH prices(model_name, prompt_per_1k, completion_per_1k, per_compute_second) AS (VALUES {values}),
                 usage AS (
@@ -562,9 +599,7 @@ class Analytics:
                     FROM executions{where} GROUP BY ALL)
                 SELECT u.key AS {by}, sum(u.requests) AS requests, sum(u.prompt_tokens) AS prompt_tokens,
                        sum(u.completion_tokens) AS completion_tokens, sum(u.compute_s) AS compute_s,
-                       sum(u.prompt_tokens / 1000.0 * coalesce(p.prompt_per_1k, d.prompt_per_1k, 0)
-                           + u.completion_tokens / 1000.0 * coalesce(p.completion_per_1k, d.completion_per_1k, 0)
-                           + u.compute_s * coalesce(p.per_compute_second, d.per_compute_second, 0)) AS cost
+                       sum({_COST}) AS cost
                 FROM usage AS u
                 LEFT JOIN prices AS p ON p.model_name = u.model_name
                 LEFT JOIN (SELECT * FROM prices WHERE model_name = '*') AS d ON true
@@ -652,6 +687,10 @@ class Analytics:
               time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> QueryResult:
         """The SQL box: one read-only SELECT over the exports (see run_sql)."""
         return run_sql(self.exports_dir, sql_text, limit=limit, time_limit_s=time_limit_s)
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _bucket(name: str) -> str:

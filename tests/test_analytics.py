@@ -3,6 +3,7 @@ comparison, cost, guardrails, evaluation pass rates, anomalies on planted spikes
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -129,6 +130,67 @@ def test_cost_uses_prices_per_model_and_the_default(pool, seeded):
     assert seeded.summary(Filters(), prices)["cost"] == pytest.approx(sum(expect.values()))
     with pytest.raises(AnalyticsError, match="grouped by"):
         seeded.cost(Filters(), prices, by="colour")
+
+
+class _CountingConnection:
+    """A DuckDB connection that counts the statements run on it."""
+
+    def __init__(self, con) -> None:
+        self.con, self.statements = con, 0
+
+    def execute(self, *args):
+        self.statements += 1
+        return self.con.execute(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.con, name)
+
+
+def test_summary_equals_postgres_in_one_query(pool, seeded):
+    analytics.set_price(pool, "remote-big", prompt_per_1k=1.5, completion_per_1k=2.0)
+    analytics.set_price(pool, "*", per_compute_second=0.25)
+    prices = analytics.list_prices(pool)
+    seeded.con = counting = _CountingConnection(seeded.con)
+    for f, where in [(Filters(), "true"), (Filters(template="summary", model="remote-big"),
+                                            "template_name = 'summary' AND model_name = 'remote-big'"),
+                     (Filters(start=date(2025, 3, 2), end=date(2025, 3, 2)),
+                      "(created_at AT TIME ZONE 'UTC')::date = '2025-03-02'")]:
+        before = counting.statements
+        got = seeded.summary(f, prices)
+        assert counting.statements - before == 1  # cost folded into the same query
+        expect = pg(pool, f"""SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
+                                     avg(CASE WHEN status = 'error' THEN 1.0 ELSE 0.0 END)::float8,
+                                     percentile_cont(0.95) WITHIN GROUP (ORDER BY total_ms) FILTER (WHERE ok),
+                                     percentile_cont(0.95) WITHIN GROUP (ORDER BY ttft_ms) FILTER (WHERE ok),
+                                     sum(CASE WHEN model_name = 'remote-big'
+                                              THEN coalesce(prompt_tokens, 0) / 1000.0 * 1.5
+                                                   + coalesce(completion_tokens, 0) / 1000.0 * 2.0
+                                              ELSE coalesce(total_ms, 0) / 1000.0 * 0.25 END)::float8
+                              FROM executions, LATERAL (SELECT status = 'ok' AS ok) AS s WHERE {where}""")[0]
+        requests, prompt, completion, error_rate, p95, ttft95, cost = expect
+        counts = (got["requests"], got["prompt_tokens"], got["completion_tokens"])
+        assert counts == (requests, prompt, completion) and requests > 0
+        assert all(type(got[k]) is int for k in ("requests", "prompt_tokens", "completion_tokens"))
+        assert got["error_rate"] == pytest.approx(error_rate, rel=1e-12)
+        assert (got["latency_p95_ms"], got["ttft_p95_ms"]) == pytest.approx((p95, ttft95), rel=1e-12)
+        assert got["cost"] == pytest.approx(cost, rel=1e-9)
+        assert got["cost"] == pytest.approx(float(seeded.cost(f, prices, by="model")["cost"].sum()), rel=1e-12)
+    nothing = seeded.summary(Filters(template="no-such-template"), prices)
+    assert {k: v for k, v in nothing.items() if not k.endswith("p95_ms")} == {
+        "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "error_rate": 0.0, "cost": 0.0}
+    assert math.isnan(nothing["latency_p95_ms"]) and math.isnan(nothing["ttft_p95_ms"])
+    assert seeded.summary(Filters())["cost"] == 0.0  # no prices: nothing costs anything
+
+
+def test_latency_by_version_labels_runs_without_a_template(pool, settings):
+    copy_rows(pool, [row(T0 + timedelta(minutes=i), template=None, version=None, total=100.0 + i) for i in range(5)]
+              + [row(T0 + timedelta(minutes=i), template="aaa", total=200.0) for i in range(3)])
+    exports.export(pool, settings)
+    with Analytics(settings.exports_dir) as a:
+        by_version = a.latency_by_version(Filters())
+    assert list(by_version["template_name"]) == ["(no template)", "aaa"]
+    assert list(by_version["requests"]) == [5, 3]
+    assert list(by_version["latency_p50_ms"]) == [102.0, 200.0]
 
 
 def test_prices_are_validated_and_replaced_atomically(pool):
