@@ -127,10 +127,17 @@ PG_QUERIES = {
         LEFT JOIN prices d ON d.model_name = '*'
         WHERE e.created_at >= %(start)s AND e.created_at < %(end)s GROUP BY 1 ORDER BY 3 DESC""",
     "summary": """
-        SELECT count(*), sum(prompt_tokens), sum(completion_tokens), avg((status = 'error')::int),
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY total_ms) FILTER (WHERE status = 'ok'),
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY ttft_ms) FILTER (WHERE status = 'ok')
-        FROM executions WHERE created_at >= %(start)s AND created_at < %(end)s""",
+        WITH prices(model_name, pp, pc, ps) AS (VALUES ('remote-big', 1.0, 2.0, 0.0), ('*', 0.0, 0.0, 0.0001)),
+        m AS (SELECT model_name, count(*) AS n, sum(prompt_tokens) AS pt, sum(completion_tokens) AS ct,
+                     sum(total_ms) AS ms, count(*) FILTER (WHERE status = 'error') AS errors
+              FROM executions WHERE created_at >= %(start)s AND created_at < %(end)s GROUP BY 1),
+        o AS (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY total_ms) AS l95,
+                     percentile_cont(0.95) WITHIN GROUP (ORDER BY ttft_ms) AS t95
+              FROM executions WHERE created_at >= %(start)s AND created_at < %(end)s AND status = 'ok')
+        SELECT sum(n), sum(pt), sum(ct), sum(errors)::float8 / sum(n), min(o.l95), min(o.t95),
+               sum(coalesce(pt, 0) / 1000.0 * coalesce(p.pp, d.pp) + coalesce(ct, 0) / 1000.0 * coalesce(p.pc, d.pc)
+                   + coalesce(ms, 0) / 1000.0 * coalesce(p.ps, d.ps))
+        FROM m CROSS JOIN o LEFT JOIN prices p ON p.model_name = m.model_name LEFT JOIN prices d ON d.model_name = '*'""",
     "anomalies (hourly rolling median + MAD)": """
         WITH hourly AS (
             SELECT template_name, date_trunc('hour', created_at AT TIME ZONE 'UTC') AS hour, count(*) AS n,
