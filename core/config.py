@@ -28,6 +28,7 @@ class Settings:
     n_ctx: int = 4096
     n_threads: int = 0  # 0: let llama.cpp choose (physical cores)
     n_batch: int = 64
+    eval_batch: int = 4  # evaluation items the in-process model decodes together (1: one at a time)
     chat_format: str = "auto"
     backend: str = "llama_cpp"
     openai_base_url: str | None = None
@@ -62,7 +63,11 @@ class Settings:
         return not self.database_url
 
 
-_INT_KEYS = {"n_ctx": 128, "n_threads": 0, "n_batch": 8, "openai_max_retries": 0,
+# Sequences decoded together: from 8 tokens on, llama.cpp multiplies K-quant weights with other kernels, which would
+# make a sequence's output depend on its batch (see core.llm.generate_many).
+MAX_EVAL_BATCH = 6
+
+_INT_KEYS = {"n_ctx": 128, "n_threads": 0, "n_batch": 8, "eval_batch": 1, "openai_max_retries": 0,
              "retention_days": 0, "metrics_port": 0, "pool_min_size": 0, "pool_max_size": 1}
 
 
@@ -140,6 +145,8 @@ def validate(settings: Settings) -> Settings:
         raise SettingsError("PROMPTDEV_POOL_MIN_SIZE: must not exceed PROMPTDEV_POOL_MAX_SIZE")
     if settings.n_batch > settings.n_ctx:
         raise SettingsError("PROMPTDEV_N_BATCH: must not exceed PROMPTDEV_N_CTX")
+    if settings.eval_batch > MAX_EVAL_BATCH:
+        raise SettingsError(f"PROMPTDEV_EVAL_BATCH: at most {MAX_EVAL_BATCH}, got {settings.eval_batch}")
     return settings
 
 

@@ -520,41 +520,51 @@ UPDATE eval_work_items w
          WHERE r.status IN ('queued', 'running') {run_filter}
            AND (w2.status = 'queued' OR (w2.status = 'running' AND w2.lease_until < now()))
          ORDER BY w2.run_id, w2.seq
-         LIMIT 1 FOR UPDATE OF w2 SKIP LOCKED) pick
+         LIMIT %(limit)s FOR UPDATE OF w2 SKIP LOCKED) pick
  WHERE w.id = pick.id
 RETURNING w.id, w.run_id, w.position, w.seq, w.item_id, w.item_revision_id, w.messages, w.render_error, w.params,
           w.attempts
 """
 
 
-def claim(pool: ConnectionPool, worker: str, *, run_id: int | None = None, lease_s: float = LEASE_S) -> WorkItem | None:
-    """Claim the next queued item (or one whose lease ran out) of any active run, or of one run; None if none."""
+def claim_many(pool: ConnectionPool, worker: str, *, run_id: int | None = None, limit: int = 1,
+               lease_s: float = LEASE_S) -> list[WorkItem]:
+    """Claim up to `limit` next items in prefix order (queued, or whose lease ran out) of any active run, or of one."""
     query = _CLAIM.format(run_filter="AND r.id = %(run)s" if run_id is not None else "")
     with pool.connection() as conn, conn.cursor(row_factory=class_row(WorkItem)) as cur:
-        work = cur.execute(query, {"worker": worker, "lease": lease_s, "run": run_id}).fetchone()
-        if work is not None:
+        works = cur.execute(query, {"worker": worker, "lease": lease_s, "run": run_id,
+                                    "limit": max(1, limit)}).fetchall()
+        if works:
             conn.execute("UPDATE eval_runs SET status = 'running', started_at = coalesce(started_at, now()) "
-                         "WHERE id = %s AND status = 'queued'", (work.run_id,))
-    return work
+                         "WHERE id = ANY(%s) AND status = 'queued'", (sorted({w.run_id for w in works}),))
+    return sorted(works, key=lambda w: (w.run_id, w.seq))
+
+
+def claim(pool: ConnectionPool, worker: str, *, run_id: int | None = None, lease_s: float = LEASE_S) -> WorkItem | None:
+    """Claim the next queued item (or one whose lease ran out) of any active run, or of one run; None if none."""
+    works = claim_many(pool, worker, run_id=run_id, limit=1, lease_s=lease_s)
+    return works[0] if works else None
 
 
 class _Heartbeat:
-    """Extends a claim's lease in the background while the item is worked on."""
+    """Extends the leases of claimed items in the background while they are worked on."""
 
-    def __init__(self, pool: ConnectionPool, work: WorkItem, lease_s: float, every_s: float):
-        self.pool, self.work, self.lease_s, self.every_s = pool, work, lease_s, every_s
+    def __init__(self, pool: ConnectionPool, works: Sequence[WorkItem], lease_s: float, every_s: float):
+        self.pool, self.works, self.lease_s, self.every_s = pool, list(works), lease_s, every_s
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"lease-{work.id}", daemon=True)
+        self.thread = threading.Thread(target=self._beat, name=f"lease-{self.works[0].id}", daemon=True)
 
     def _beat(self) -> None:
+        ids, attempts = [w.id for w in self.works], [w.attempts for w in self.works]
         while not self.stop.wait(self.every_s):
             try:
                 with self.pool.connection() as conn:
-                    conn.execute("UPDATE eval_work_items SET lease_until = now() + make_interval(secs => %s) "
-                                 "WHERE id = %s AND attempts = %s AND status = 'running'",
-                                 (self.lease_s, self.work.id, self.work.attempts))
+                    conn.execute("UPDATE eval_work_items w SET lease_until = now() + make_interval(secs => %s) "
+                                 "FROM unnest(%s::bigint[], %s::int[]) AS c(id, attempts) "
+                                 "WHERE w.id = c.id AND w.attempts = c.attempts AND w.status = 'running'",
+                                 (self.lease_s, ids, attempts))
             except Exception:  # the database is away for a moment: the next beat tries again
-                log.warning("could not extend the lease of work item %s", self.work.id, exc_info=True)
+                log.warning("could not extend the leases of work items %s", ids, exc_info=True)
 
     def __enter__(self) -> "_Heartbeat":
         self.thread.start()
@@ -664,66 +674,121 @@ def _finish(pool: ConnectionPool, work: WorkItem, worker: str, *, execution_id: 
     return True
 
 
-def process(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: str, *, lease_s: float = LEASE_S,
-            heartbeat_s: float = HEARTBEAT_S) -> bool:
-    """Generate and evaluate one claimed item and record its result; True when the result was written."""
+@dataclass
+class _Pending:
+    """A claimed item ready to generate: what it needs to be evaluated and recorded afterwards."""
+
+    work: WorkItem
+    run: Run
+    version: RunVersion
+    rev: dict[str, Any]
+    evals: list[Evaluator]
+    origins: list[str]
+    backend: Backend
+    origin: Origin
+    params: GenerationParams
+
+
+_NOTHING = dict(execution_id=None, output=None, checks=[], check_origins=[], passed=False, score=0.0,
+                prompt_tokens=None, completion_tokens=None, latency_ms=None)
+
+
+def _prepare(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: str) -> _Pending | bool:
+    """What generating an item needs, or (when it cannot run) its recorded failure: True when written."""
     ctx = _context(pool, work.run_id)
     run, version = ctx.run, ctx.versions[work.position]
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         rev = cur.execute("SELECT input, expected, metadata FROM dataset_item_revisions WHERE id = %s",
                           (work.item_revision_id,)).fetchone()
     item_evals = evaluators.parse_all((rev["metadata"] or {}).get("assert") or [], allow_unsupported=True)
-    all_evals = [*ctx.evaluators, *item_evals]
-    origins = ["run"] * len(ctx.evaluators) + ["item"] * len(item_evals)
-    common = dict(execution_id=None, output=None, checks=[], check_origins=[], passed=False, score=0.0,
-                  prompt_tokens=None, completion_tokens=None, latency_ms=None)
     if work.attempts > MAX_ATTEMPTS:
         return _finish(pool, work, worker, error=f"gave up after {MAX_ATTEMPTS} attempts: each worker that took this "
-                                                 f"item stopped before finishing it", **common)
+                                                 f"item stopped before finishing it", **_NOTHING)
     if work.render_error:
-        return _finish(pool, work, worker, error=work.render_error, **common)
-    with _Heartbeat(pool, work, lease_s, heartbeat_s):
-        try:
-            backend = _backend(pool, settings, run.model_name)
-        except (ValueError, LookupError, OSError, GenerationError) as exc:
-            return _finish(pool, work, worker, error=f"model {run.model_name!r} unavailable: {exc}", **common)
-        origin = Origin(source="evaluation", user_id=run.created_by or None,
-                        template_version_id=version.template_version_id, template_name=version.template_name,
-                        template_version=version.version, label=version.label, variables=rev["input"],
-                        model_id=run.model.get("id"))
-        exec_run = executions.start(pool, backend, origin=origin, params=GenerationParams.from_dict(work.params),
-                                    messages=work.messages)
-        error = None
-        try:
-            output = exec_run.read()
-        except GenerationError as exc:
-            output, error = None, str(exc)
-        usage = exec_run.usage
-        latency_ms = usage.total_s * 1000 if usage.total_s else None
-        if error is not None:
-            return _finish(pool, work, worker, **{**common, "execution_id": exec_run.execution_id, "error": error})
-        ectx = evaluators.Context(output=output, expected=rev["expected"], variables=rev["input"],
-                                  latency_ms=latency_ms, prompt_tokens=usage.prompt_tokens,
-                                  completion_tokens=usage.completion_tokens, finish_reason=usage.finish_reason,
-                                  output_schema=version.output_schema, judge=_judge_fn(pool, settings, run, work))
-        checks = evaluators.run_all(all_evals, ectx)
-        passed, score = evaluators.summarize(checks, evaluators.item_threshold(rev["metadata"]))
-        return _finish(pool, work, worker, execution_id=exec_run.execution_id, output=output, error=None,
-                       checks=checks, check_origins=origins, passed=passed, score=score,
-                       prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                       latency_ms=latency_ms)
+        return _finish(pool, work, worker, error=work.render_error, **_NOTHING)
+    try:
+        backend = _backend(pool, settings, run.model_name)
+    except (ValueError, LookupError, OSError, GenerationError) as exc:
+        return _finish(pool, work, worker, error=f"model {run.model_name!r} unavailable: {exc}", **_NOTHING)
+    origin = Origin(source="evaluation", user_id=run.created_by or None,
+                    template_version_id=version.template_version_id, template_name=version.template_name,
+                    template_version=version.version, label=version.label, variables=rev["input"],
+                    model_id=run.model.get("id"))
+    return _Pending(work, run, version, rev, [*ctx.evaluators, *item_evals],
+                    ["run"] * len(ctx.evaluators) + ["item"] * len(item_evals), backend, origin,
+                    GenerationParams.from_dict(work.params))
+
+
+def _complete(pool: ConnectionPool, settings: Settings, p: _Pending, exec_run: executions.ExecutionRun,
+              worker: str) -> bool:
+    """Finish an item's generation (recorded in the ledger), evaluate it and write its result."""
+    error = None
+    try:
+        output = exec_run.read()
+    except GenerationError as exc:
+        output, error = None, str(exc)
+    usage = exec_run.usage
+    latency_ms = usage.total_s * 1000 if usage.total_s else None
+    if error is not None:
+        return _finish(pool, p.work, worker, **{**_NOTHING, "execution_id": exec_run.execution_id, "error": error})
+    ectx = evaluators.Context(output=output, expected=p.rev["expected"], variables=p.rev["input"],
+                              latency_ms=latency_ms, prompt_tokens=usage.prompt_tokens,
+                              completion_tokens=usage.completion_tokens, finish_reason=usage.finish_reason,
+                              output_schema=p.version.output_schema,
+                              judge=_judge_fn(pool, settings, p.run, p.work))
+    checks = evaluators.run_all(p.evals, ectx)
+    passed, score = evaluators.summarize(checks, evaluators.item_threshold(p.rev["metadata"]))
+    return _finish(pool, p.work, worker, execution_id=exec_run.execution_id, output=output, error=None,
+                   checks=checks, check_origins=p.origins, passed=passed, score=score,
+                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   latency_ms=latency_ms)
+
+
+def process_many(pool: ConnectionPool, settings: Settings, works: Sequence[WorkItem], worker: str, *,
+                 lease_s: float = LEASE_S, heartbeat_s: float = HEARTBEAT_S) -> int:
+    """Generate and evaluate claimed items, decoding those on one model together; how many results were written.
+
+    Batching never changes an output: the in-process model gives each item the bytes it gives it alone.
+    """
+    if not works:
+        return 0
+    written = 0
+    with _Heartbeat(pool, works, lease_s, heartbeat_s):
+        groups: dict[int, list[_Pending]] = {}
+        for work in works:
+            pending = _prepare(pool, settings, work, worker)
+            if isinstance(pending, bool):
+                written += pending
+            else:
+                groups.setdefault(id(pending.backend), []).append(pending)
+        for group in groups.values():
+            backend = group[0].backend
+            if len(group) == 1:
+                p = group[0]
+                runs = [executions.start(pool, backend, origin=p.origin, params=p.params, messages=p.work.messages)]
+            else:
+                runs = executions.start_many(pool, backend, [(p.origin, p.params, p.work.messages) for p in group])
+            for p, exec_run in zip(group, runs):
+                written += _complete(pool, settings, p, exec_run, worker)
+    return written
+
+
+def process(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: str, *, lease_s: float = LEASE_S,
+            heartbeat_s: float = HEARTBEAT_S) -> bool:
+    """Generate and evaluate one claimed item and record its result; True when the result was written."""
+    return process_many(pool, settings, [work], worker, lease_s=lease_s, heartbeat_s=heartbeat_s) == 1
 
 
 def run_next(pool: ConnectionPool, settings: Settings, *, run_id: int | None = None, worker: str | None = None,
              lease_s: float = LEASE_S) -> bool:
-    """Claim and process one item (the worker's task source); True when there was one."""
+    """Claim and process the next items, up to PROMPTDEV_EVAL_BATCH of them (the worker's task source)."""
     from core.worker import worker_id
 
     me = worker or worker_id()
-    work = claim(pool, me, run_id=run_id, lease_s=lease_s)
-    if work is None:
+    works = claim_many(pool, me, run_id=run_id, limit=settings.eval_batch, lease_s=lease_s)
+    if not works:
         return False
-    process(pool, settings, work, me, lease_s=lease_s)
+    process_many(pool, settings, works, me, lease_s=lease_s)
     return True
 
 

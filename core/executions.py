@@ -28,7 +28,7 @@ from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from core.llm import Backend, Generation, GenerationError, GenerationParams, Usage
+from core.llm import Backend, Generation, GenerationError, GenerationParams, Request, Usage
 
 log = logging.getLogger(__name__)
 
@@ -227,16 +227,18 @@ class ExecutionRun:
     """
 
     def __init__(self, pool: ConnectionPool, backend: Backend, origin: Origin, params: GenerationParams,
-                 messages: Sequence[Mapping[str, str]] | None, prompt: str | None):
+                 messages: Sequence[Mapping[str, str]] | None, prompt: str | None, *,
+                 generation: Generation | None = None, started_at: datetime | None = None):
         self.pool, self.backend, self.origin = pool, backend, origin
         self.messages = [dict(m) for m in messages] if messages is not None else None
         self.raw_prompt = prompt
-        self.params = params.with_seed()
+        self.params = generation.params if generation is not None else params.with_seed()
         self.execution_id: int | None = None
         self.status: str | None = None
         self.error: str | None = None
         self.generation: Generation | None = None
-        self.started_at = datetime.now().astimezone()
+        self._given = generation
+        self.started_at = started_at or datetime.now().astimezone()
         self._chunks = self._run()
 
     @property
@@ -263,7 +265,8 @@ class ExecutionRun:
 
     def _run(self) -> Iterator[str]:
         try:
-            self.generation = self.backend.generate(self.messages, prompt=self.raw_prompt, params=self.params)
+            self.generation = self._given or self.backend.generate(self.messages, prompt=self.raw_prompt,
+                                                                   params=self.params)
             with self.generation:
                 for chunk in self.generation:
                     yield chunk
@@ -309,6 +312,16 @@ def start(pool: ConnectionPool, backend: Backend, *, origin: Origin, params: Gen
           messages: Sequence[Mapping[str, str]] | None = None, prompt: str | None = None) -> ExecutionRun:
     """Begin a recorded generation from chat messages or a raw prompt; iterate the result for text chunks."""
     return ExecutionRun(pool, backend, origin, params or GenerationParams(), messages, prompt)
+
+
+def start_many(pool: ConnectionPool, backend: Backend,
+               runs: Sequence[tuple[Origin, GenerationParams, Sequence[Mapping[str, str]]]]) -> list[ExecutionRun]:
+    """Generate several chat requests together (batched where the backend can); read each run to record it."""
+    started_at = datetime.now().astimezone()
+    requests = [Request(messages=messages, params=params.with_seed()) for _, params, messages in runs]
+    generations = backend.generate_many(requests)
+    return [ExecutionRun(pool, backend, origin, req.params, req.messages, None, generation=gen, started_at=started_at)
+            for (origin, _, _), req, gen in zip(runs, requests, generations)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import random
 import threading
@@ -21,10 +22,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from core import chat_formats
 from core.chat_formats import ChatFormatError, Segment
-from core.config import Settings, default_model_path
+from core.config import MAX_EVAL_BATCH, Settings, default_model_path
 from core.model_files import ModelFileError, check_gguf, file_sha256
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+log = logging.getLogger(__name__)
 
 
 class GenerationError(RuntimeError):
@@ -173,6 +176,25 @@ class Generation:
             pass
 
 
+@dataclass(frozen=True)
+class Request:
+    """One generation of a batch: chat messages or a raw prompt, and its parameters."""
+
+    messages: Sequence[Mapping[str, str]] | None = None
+    prompt: str | None = None
+    params: GenerationParams | None = None
+
+
+def _finished(pieces: Sequence[str], prompt: str | None, params: GenerationParams, usage: Usage,
+              error: Exception | None = None) -> Generation:
+    """A generation that already ran: replays its text, then raises its error if it failed."""
+    def chunks() -> Iterator[str]:
+        yield from pieces
+        if error is not None:
+            raise error
+    return Generation(chunks(), prompt, params, usage)
+
+
 class Backend:
     """What every model backend offers."""
 
@@ -184,6 +206,26 @@ class Backend:
                  params: GenerationParams | None = None) -> Generation:
         """Generate from chat messages or a raw prompt (exactly one of them)."""
         raise NotImplementedError
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Run several generations to the end (one after the other here); each fails on its own."""
+        done: list[Generation] = []
+        for req in requests:
+            params = (req.params or GenerationParams()).with_seed()
+            try:
+                gen = self.generate(req.messages, prompt=req.prompt, params=params)
+            except GenerationError as exc:
+                done.append(_finished([], req.prompt, params, Usage(), exc))
+                continue
+            pieces: list[str] = []
+            error: Exception | None = None
+            try:
+                with gen:
+                    pieces.extend(gen)
+            except GenerationError as exc:
+                error = exc
+            done.append(_finished(pieces, gen.prompt, gen.params, gen.usage, error))
+        return done
 
     def count_tokens(self, text: str) -> int:
         """How many tokens text takes."""
@@ -235,7 +277,86 @@ class _StopMatcher:
         return out
 
 
+class _Decoder:
+    """Turns sampled tokens into text for one generation: end of generation, budget, stop sequences, UTF-8."""
+
+    def __init__(self, llm: Any, params: GenerationParams, n_prompt: int, n_ctx: int, usage: Usage, started: float):
+        import llama_cpp
+
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self.llm, self.vocab, self.usage, self.started = llm, llm._model.vocab, usage, started
+        self.budget = min(params.max_tokens, n_ctx - n_prompt)
+        self.stopper = _StopMatcher(params.stop)
+        self.completion: list[int] = []
+        self.emitted = b""
+        self.pieces: list[str] = []
+        self.finish = ""
+
+    def feed(self, token: int) -> bool:
+        """Take the next sampled token; True when the generation is over (the token is then not evaluated)."""
+        if self.usage.ttft_s is None:
+            self.usage.ttft_s = time.perf_counter() - self.started
+        if self._is_eog(self.vocab, token):
+            return self._end(FINISH_STOP)
+        self.completion.append(token)
+        self.usage.completion_tokens = len(self.completion)
+        raw = self.llm.detokenize(self.completion)
+        try:
+            piece = raw[len(self.emitted):].decode("utf-8")
+        except UnicodeDecodeError:
+            piece = None  # a multi-byte character is split across tokens: wait for the rest
+        if piece is not None:
+            self.emitted = raw
+            out, stopped = self.stopper.feed(piece)
+            if out:
+                self.pieces.append(out)
+            if stopped:
+                return self._end(FINISH_STOP)
+        if len(self.completion) >= self.budget:
+            return self._end(FINISH_LENGTH)
+        return False
+
+    def _end(self, finish: str) -> bool:
+        self.finish = finish
+        tail = self.stopper.flush()
+        if tail:
+            self.pieces.append(tail)
+        return True
+
+    def take(self) -> list[str]:
+        """Text ready to hand out since the last call."""
+        out, self.pieces = self.pieces, []
+        return out
+
+
 _loaded: "weakref.WeakSet[LlamaBackend]" = weakref.WeakSet()
+_load_lock = threading.Lock()
+
+
+def _load_llama(**kwargs: Any) -> Any:
+    """Load a `Llama` with llama.cpp's weight repacking off.
+
+    Repacked weights are multiplied by different kernels for one and for several tokens, so a token's result would
+    depend on how many sequences share its batch; without repacking, batched decoding (at most MAX_BATCH tokens)
+    gives every sequence the bytes it gets alone. llama-cpp-python has no argument for it, so its default model
+    parameters are wrapped while this model loads.
+    """
+    import llama_cpp.llama_cpp as lib
+    from llama_cpp import Llama
+
+    with _load_lock:
+        defaults = lib.llama_model_default_params
+
+        def no_repack() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = no_repack
+        try:
+            return Llama(**kwargs)
+        finally:
+            lib.llama_model_default_params = defaults
 
 
 @atexit.register
@@ -266,14 +387,14 @@ class LlamaBackend(Backend):
     kind = "llama_cpp"
 
     def __init__(self, model_path: Path, *, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 64,
-                 chat_format: str = "auto", name: str | None = None):
+                 chat_format: str = "auto", name: str | None = None, max_batch: int = 4):
         model_path = Path(model_path)
         check_gguf(model_path)
-        from llama_cpp import Llama  # imported here: loading llama.cpp is slow and only this backend needs it
-
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be between 1 and {MAX_BATCH}, got {max_batch}")
         started = time.perf_counter()
         try:
-            self.llm = Llama(
+            self.llm = _load_llama(
                 model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                 n_threads=n_threads or available_cpus(), verbose=False, seed=0)
         except (ValueError, RuntimeError) as exc:
@@ -292,6 +413,8 @@ class LlamaBackend(Backend):
         self.chat_format = self._choose_format(chat_format, meta)
         self._formatter = self._make_formatter()
         self._sha256: str | None = None
+        self.max_batch = max_batch
+        self._batch: _BatchState | None = None
 
     def _choose_format(self, configured: str, meta: Mapping[str, str]) -> str:
         if configured not in ("auto", ""):
@@ -325,6 +448,7 @@ class LlamaBackend(Backend):
             "backend": self.kind, "name": self.name, "path": str(self.model_path), "architecture": self.architecture,
             "file_size": self.model_path.stat().st_size, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
             "n_batch": self.n_batch, "chat_format": self.chat_format, "load_s": self.load_s, "sha256": self.sha256,
+            "max_batch": self.max_batch,
         }
 
     def prompt_segments(self, messages: Sequence[Mapping[str, str]]) -> list[Segment]:
@@ -352,9 +476,9 @@ class LlamaBackend(Backend):
         """How many tokens text takes (no BOS)."""
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
-                 params: GenerationParams | None = None) -> Generation:
-        """Stream a completion; the model is locked from the first chunk until the end or close()."""
+    def _prepare(self, messages: Sequence[Mapping[str, str]] | None, prompt: str | None,
+                 params: GenerationParams | None) -> tuple[str, list[int], GenerationParams]:
+        """The prompt text, its tokens and the parameters with a seed; GenerationError when it cannot run."""
         _check_request(messages, prompt)
         params = (params or GenerationParams()).with_seed()
         try:
@@ -368,6 +492,12 @@ class LlamaBackend(Backend):
         if len(tokens) + 1 > self.n_ctx:
             raise GenerationError(
                 f"the prompt takes {len(tokens)} tokens; the model's context holds {self.n_ctx}")
+        return text, tokens, params
+
+    def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
+                 params: GenerationParams | None = None) -> Generation:
+        """Stream a completion; the model is locked from the first chunk until the end or close()."""
+        text, tokens, params = self._prepare(messages, prompt, params)
         usage = Usage(prompt_tokens=len(tokens))
         return Generation(self._stream(tokens, params, usage), text, params, usage)
 
@@ -383,56 +513,240 @@ class LlamaBackend(Backend):
 
     def _stream(self, tokens: list[int], params: GenerationParams, usage: Usage) -> Iterator[str]:
         started = time.perf_counter()
-        import llama_cpp
-
         with self.lock:
             llm = self.llm
-            vocab = llm._model.vocab
             try:
                 llm.n_tokens = self._aligned_prefix(tokens)
                 llm.set_seed(params.seed)
-                budget = min(params.max_tokens, self.n_ctx - len(tokens))
-                stopper = _StopMatcher(params.stop)
-                completion: list[int] = []
-                emitted = b""
-                finish = FINISH_LENGTH
+                decoder = _Decoder(llm, params, len(tokens), self.n_ctx, usage, started)
                 for token in llm.generate(
                         tokens, top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
                         repeat_penalty=params.repeat_penalty, reset=True):
-                    if usage.ttft_s is None:
-                        usage.ttft_s = time.perf_counter() - started
-                    if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        finish = FINISH_STOP
-                        break
-                    completion.append(token)
-                    usage.completion_tokens = len(completion)
-                    raw = llm.detokenize(completion)
-                    new = raw[len(emitted):]
-                    try:
-                        piece = new.decode("utf-8")
-                    except UnicodeDecodeError:
-                        piece = None  # a multi-byte character is split across tokens: wait for the rest
-                    if piece is not None:
-                        emitted = raw
-                        out, stopped = stopper.feed(piece)
-                        if out:
-                            yield out
-                        if stopped:
-                            finish = FINISH_STOP
-                            break
-                    if len(completion) >= budget:
-                        finish = FINISH_LENGTH
+                    over = decoder.feed(token)
+                    yield from decoder.take()
+                    if over:
                         break
                 else:
-                    finish = FINISH_STOP
-                tail = stopper.flush()
-                if tail:
-                    yield tail
-                usage.finish_reason = finish
+                    decoder._end(FINISH_STOP)
+                    yield from decoder.take()
+                usage.finish_reason = decoder.finish
             finally:
                 usage.total_s = time.perf_counter() - started
                 if not usage.finish_reason:
                     usage.finish_reason = FINISH_CANCELLED
+
+    def _sampler(self, params: GenerationParams) -> Any:
+        """The sampler chain `generate` builds for these parameters (same order, same seed)."""
+        self.llm.set_seed(params.seed)
+        return self.llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
+                                      repeat_penalty=params.repeat_penalty)
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Run several generations to the end, decoding up to `max_batch` of them together.
+
+        Every output is byte-identical to what `generate` gives for the same request alone: each sequence has its
+        own KV stream laid out as in a lone run, reuses a cached prefix only up to a multiple of n_batch, evaluates
+        the rest of its prompt in the same blocks, and a decoding batch holds at most MAX_BATCH tokens (llama.cpp
+        multiplies larger batches with other kernels). Prompts that do not fit a batch slot run alone.
+        """
+        out: list[Generation | None] = [None] * len(requests)
+        jobs: list[_Job] = []
+        for i, req in enumerate(requests):
+            try:
+                text, tokens, params = self._prepare(req.messages, req.prompt, req.params)
+            except GenerationError as exc:
+                params = (req.params or GenerationParams()).with_seed()
+                out[i] = _finished([], req.prompt, params, Usage(), exc)
+                continue
+            jobs.append(_Job(i, text, tokens, params, Usage(prompt_tokens=len(tokens))))
+        slot_ctx = min(self.n_ctx, BATCH_SLOT_CTX)
+        batched = [j for j in jobs if self.max_batch > 1
+                   and len(j.tokens) + min(j.params.max_tokens, self.n_ctx - len(j.tokens)) <= slot_ctx]
+        alone = [j for j in jobs if j not in batched]
+        if len(batched) == 1:
+            alone, batched = alone + batched, []
+        if batched:
+            with self.lock:
+                try:
+                    if self._batch is None:
+                        self._batch = _BatchState(self, slot_ctx)
+                except GenerationError:
+                    log.warning("batched decoding unavailable; generating one at a time", exc_info=True)
+                    alone, batched = alone + batched, []
+                try:
+                    if batched:
+                        self._batch.run(batched)
+                except BaseException as exc:
+                    # What the batch context holds is unknown now: start over with a new one next time.
+                    self._batch.close()
+                    self._batch = None
+                    if not isinstance(exc, GenerationError):
+                        raise
+                    for job in batched:
+                        if job.decoder is None or not job.decoder.finish:
+                            job.error = exc
+        for job in alone:
+            try:
+                with Generation(self._stream(job.tokens, job.params, job.usage), job.text, job.params,
+                                job.usage) as gen:
+                    job.pieces.extend(gen)
+            except GenerationError as exc:
+                job.error = exc
+        for job in jobs:
+            if job.decoder is not None and job.decoder.finish:
+                job.usage.finish_reason = job.decoder.finish
+            elif not job.usage.finish_reason:
+                job.usage.finish_reason = "error" if job.error else FINISH_CANCELLED
+            out[job.index] = _finished(job.pieces, job.text, job.params, job.usage, job.error)
+        return [g for g in out if g is not None]
+
+
+MAX_BATCH = MAX_EVAL_BATCH  # sequences (so tokens) per decoding batch
+BATCH_SLOT_CTX = 2048  # context of each batch slot; longer requests run alone
+
+
+@dataclass(eq=False)
+class _Job:
+    index: int
+    text: str
+    tokens: list[int]
+    params: GenerationParams
+    usage: Usage
+    pieces: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    decoder: _Decoder | None = None
+    sampler: Any = None
+    pos: int = 0
+    last: int = 0
+
+
+class _BatchState:
+    """A second llama.cpp context on the same weights, for decoding several sequences at once.
+
+    KV streams are not shared (kv_unified off), so each sequence's cells sit where a lone run puts them. Sequence 0
+    holds a cached prompt prefix (a multiple of n_batch long) that is copied into a slot when it saves work; each
+    slot keeps what it evaluated last, so consecutive requests with the same prefix reuse it without a copy.
+    """
+
+    def __init__(self, backend: LlamaBackend, slot_ctx: int):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.lib, self.backend, self.llm = llama_cpp, backend, backend.llm
+        self.n_batch, self.slots = backend.n_batch, backend.max_batch
+        params = llama_cpp.llama_context_default_params()
+        for name, _ in llama_cpp.llama_context_params._fields_:
+            setattr(params, name, getattr(self.llm.context_params, name))
+        params.n_seq_max = self.slots + 1
+        params.kv_unified = False
+        params.n_ctx = slot_ctx * (self.slots + 1)
+        try:
+            self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise GenerationError(f"could not set up batched decoding: {exc}") from None
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.batch = llama_cpp.llama_batch_init(max(self.n_batch, self.slots), 0, 1)
+        self.held: list[int] = []                        # tokens of the shared prefix in sequence 0
+        self.cached: list[list[int]] = [[] for _ in range(self.slots)]
+
+    def close(self) -> None:
+        """Free the context."""
+        self.lib.llama_batch_free(self.batch)
+        self.ctx.close()
+
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        batch = self.batch
+        batch.n_tokens = len(entries)
+        for k, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
+            batch.seq_id[k][0] = seq
+        code = self.lib.llama_decode(self.ctx.ctx, batch)
+        if code != 0:
+            raise GenerationError(f"batched decoding failed (llama_decode returned {code})")
+
+    def _eval(self, seq: int, tokens: Sequence[int], start: int) -> int:
+        """Evaluate tokens from position start in n_batch blocks (logits on each block's last); the last block's size."""
+        size = 0
+        for b in range(0, len(tokens), self.n_batch):
+            block = tokens[b:b + self.n_batch]
+            size = len(block)
+            self._decode([(t, start + b + k, seq, k == size - 1) for k, t in enumerate(block)])
+        return size
+
+    def _aligned(self, cached: Sequence[int], tokens: Sequence[int]) -> int:
+        common = 0
+        for a, b in zip(cached, tokens[:-1]):
+            if a != b:
+                break
+            common += 1
+        return common // self.n_batch * self.n_batch
+
+    def _hold(self, jobs: Sequence[_Job]) -> None:
+        """Put the prefix the jobs share into sequence 0, when it is longer than what is held."""
+        shared = list(jobs[0].tokens[:-1])
+        for job in jobs[1:]:
+            n = 0
+            for a, b in zip(shared, job.tokens[:-1]):
+                if a != b:
+                    break
+                n += 1
+            shared = shared[:n]
+        want = len(shared) // self.n_batch * self.n_batch
+        keep = self._aligned(self.held, shared + [0])
+        if want <= keep or want < self.n_batch:
+            return
+        self.lib.llama_memory_seq_rm(self.memory, 0, keep, -1)
+        self.held = self.held[:keep]
+        self._eval(0, shared[keep:want], keep)
+        self.held = shared[:want]
+
+    def _start(self, slot: int, job: _Job) -> bool:
+        """Evaluate a job's prompt in a slot and sample its first token; True when it is already over."""
+        seq = slot + 1
+        own, held = self._aligned(self.cached[slot], job.tokens), self._aligned(self.held, job.tokens)
+        if held > own:
+            self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.lib.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
+            self.cached[slot] = list(self.held)
+            own = held
+        self.lib.llama_memory_seq_rm(self.memory, seq, own, -1)
+        started = time.perf_counter()
+        job.decoder = _Decoder(self.llm, job.params, len(job.tokens), self.backend.n_ctx, job.usage, started)
+        job.sampler = self.backend._sampler(job.params)
+        size = self._eval(seq, job.tokens[own:], own)
+        self.cached[slot] = list(job.tokens)
+        job.pos = len(job.tokens)
+        return self._sampled(job, job.sampler.sample(self.ctx, size - 1))
+
+    def _sampled(self, job: _Job, token: int) -> bool:
+        over = job.decoder.feed(token)
+        job.pieces.extend(job.decoder.take())
+        if over:
+            job.usage.total_s = time.perf_counter() - job.decoder.started
+        job.last = token
+        return over
+
+    def run(self, jobs: Sequence[_Job]) -> None:
+        """Generate every job to its end, keeping up to `slots` sequences decoding together."""
+        self._hold(jobs)
+        queue = list(jobs)
+        active: dict[int, _Job] = {}
+        while queue or active:
+            for slot in range(self.slots):
+                while slot not in active and queue:
+                    job = queue.pop(0)
+                    if not self._start(slot, job):
+                        active[slot] = job
+            if not active:
+                continue
+            order = sorted(active)
+            self._decode([(active[s].last, active[s].pos, s + 1, True) for s in order])
+            for k, slot in enumerate(order):
+                job = active[slot]
+                self.cached[slot].append(job.last)
+                job.pos += 1
+                if self._sampled(job, job.sampler.sample(self.ctx, k)):
+                    del active[slot]
 
 
 class OpenAIBackend(Backend):
@@ -570,9 +884,11 @@ def get_backend(settings: Settings) -> Backend:
             timeout=settings.openai_timeout, max_retries=settings.openai_max_retries, n_ctx=settings.n_ctx)
     else:
         path = Path(default_model_path(settings)).resolve()
-        key = ("llama_cpp", str(path), settings.n_ctx, settings.n_threads, settings.n_batch, settings.chat_format)
+        key = ("llama_cpp", str(path), settings.n_ctx, settings.n_threads, settings.n_batch, settings.chat_format,
+               settings.eval_batch)
         factory = lambda: LlamaBackend(path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                                       n_batch=settings.n_batch, chat_format=settings.chat_format)
+                                       n_batch=settings.n_batch, chat_format=settings.chat_format,
+                                       max_batch=settings.eval_batch)
     with _backends_lock:
         backend = _backends.get(key)
         if backend is None:

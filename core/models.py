@@ -229,10 +229,11 @@ def backend_for_model(model: Model, settings: Settings) -> llm.Backend:
     """The process-wide backend of a registered (non-default) model: loaded on first use, then shared."""
     if model.backend == "llama_cpp":
         key = ("llama_cpp", model.name, model.path, model.n_ctx, settings.n_threads, settings.n_batch,
-               model.chat_format)
+               model.chat_format, settings.eval_batch)
         return _cached(key, lambda: llm.LlamaBackend(
             Path(model.path), n_ctx=model.n_ctx, n_threads=settings.n_threads,
-            n_batch=min(settings.n_batch, model.n_ctx), chat_format=model.chat_format, name=model.name))
+            n_batch=min(settings.n_batch, model.n_ctx), chat_format=model.chat_format, name=model.name,
+            max_batch=settings.eval_batch))
     api_key = None
     if model.api_key_env:
         api_key = os.environ.get(model.api_key_env)

@@ -39,6 +39,8 @@ def test_toml_file_then_environment(tmp_path):
     ({"PROMPTDEV_BACKEND": "openai", "PROMPTDEV_OPENAI_BASE_URL": "http://x/v1"}, "PROMPTDEV_OPENAI_MODEL"),
     ({"PROMPTDEV_DATABASE_URL": "mysql://x"}, "PROMPTDEV_DATABASE_URL"),
     ({"PROMPTDEV_METRICS_PORT": "70000"}, "PROMPTDEV_METRICS_PORT"),
+    ({"PROMPTDEV_EVAL_BATCH": "0"}, "PROMPTDEV_EVAL_BATCH"),
+    ({"PROMPTDEV_EVAL_BATCH": "7"}, "PROMPTDEV_EVAL_BATCH"),
     ({"PROMPTDEV_CONFIG": "/nonexistent/promptdev.toml"}, "PROMPTDEV_CONFIG"),
 ])
 def test_invalid_settings_name_the_key(env, key):

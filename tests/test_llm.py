@@ -174,3 +174,56 @@ def test_missing_truncated_and_non_gguf_files_are_named(tmp_path, default_model_
         truncated.write_bytes(src.read(40 * 1024 * 1024))
     with pytest.raises(ModelFileError, match="half.gguf"):
         llm.LlamaBackend(truncated)
+
+
+def _lone(backend, req):
+    backend.llm.reset()   # a fresh model state: nothing cached
+    with backend.generate(req.messages, prompt=req.prompt, params=req.params) as gen:
+        return gen.read(), gen.usage.finish_reason, gen.usage.completion_tokens, gen.prompt
+
+
+def test_batched_generation_gives_each_request_its_lone_bytes(backend):
+    """Sequences decoded together (more requests than slots, so slots are refilled) match lone cold runs."""
+    questions = ["What bread do you sell?", "Are you open on Sunday?", "Do you bake cakes to order?",
+                 "Is there gluten-free bread?", "How much is a baguette?", "Can I pay by card?", "Where are you?"]
+    requests = [llm.Request(messages=ask(q), params=GenerationParams(
+        max_tokens=6 + 4 * (i % 3), temperature=0.0 if i % 3 == 0 else 0.9, seed=40 + i,
+        stop=("\n",) if i % 2 else ())) for i, q in enumerate(questions)]
+    requests.append(llm.Request(prompt="Once upon a time", params=GenerationParams(max_tokens=5, seed=1)))
+    assert len(requests) > backend.max_batch > 1
+    first = backend.generate_many(requests)
+    again = backend.generate_many(list(reversed(requests)))[::-1]   # what the batch context cached changes nothing
+    for req, a, b in zip(requests, first, again):
+        lone = _lone(backend, req)
+        assert (a.read(), a.usage.finish_reason, a.usage.completion_tokens, a.prompt) == lone
+        assert b.read() == lone[0]
+        assert a.usage.prompt_tokens > 0 and a.usage.ttft_s is not None and a.usage.total_s >= a.usage.ttft_s
+    assert any(g.usage.finish_reason == "length" for g in first)
+
+
+def test_a_failing_request_fails_alone_in_a_batch(backend):
+    ok = llm.Request(messages=ask("Hello?"), params=GenerationParams(max_tokens=3, seed=5))
+    too_long = llm.Request(prompt="bread " * 5000, params=GenerationParams(max_tokens=3, seed=5))
+    empty = llm.Request(messages=[], params=GenerationParams(max_tokens=3, seed=5))
+    gens = backend.generate_many([ok, too_long, ok, empty])
+    assert gens[0].read() == gens[2].read() == _lone(backend, ok)[0]
+    with pytest.raises(llm.GenerationError, match="context holds"):
+        gens[1].read()
+    with pytest.raises(llm.GenerationError, match="no messages"):
+        gens[3].read()
+
+
+def test_a_prompt_too_long_for_a_batch_slot_runs_alone_with_the_same_bytes(backend):
+    long_system = "The bakery's full price list follows. " * 260   # about 2,100 tokens: more than a batch slot holds
+    reqs = [llm.Request(messages=[{"role": "system", "content": long_system}, {"role": "user", "content": q}],
+                        params=GenerationParams(max_tokens=4, seed=9)) for q in ("Rye?", "Spelt?")]
+    reqs.append(llm.Request(messages=ask("Rye?"), params=GenerationParams(max_tokens=4, seed=9)))
+    gens = backend.generate_many(reqs)
+    assert [g.usage.prompt_tokens > llm.BATCH_SLOT_CTX for g in gens] == [True, True, False]
+    for req, gen in zip(reqs, gens):
+        assert gen.read() == _lone(backend, req)[0]
+
+
+def test_batch_size_is_bounded(default_model_path):
+    with pytest.raises(ValueError, match="max_batch must be between 1 and 6"):
+        llm.LlamaBackend(default_model_path, max_batch=llm.MAX_BATCH + 1)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from core.llm import BackendUnavailable, GenerationError, GenerationParams, OpenAIBackend
+from core.llm import BackendUnavailable, GenerationError, GenerationParams, OpenAIBackend, Request
 from tests.conftest import LlamaServer, free_port
 
 
@@ -65,3 +65,13 @@ def test_retries_until_a_restarted_server_answers(default_model_path):
 def test_describe_never_shows_the_key():
     backend = OpenAIBackend("http://127.0.0.1:9/v1", "m", api_key="sk-very-secret")
     assert "sk-very-secret" not in repr(backend.describe())
+
+
+def test_generate_many_runs_each_request_and_fails_each_alone(llama_server):
+    backend = OpenAIBackend(llama_server.base_url, "gemma-3-270m", timeout=60, max_retries=0)
+    params = GenerationParams(max_tokens=4, temperature=0.0, seed=3)
+    gens = backend.generate_many([Request(prompt="The capital of France is", params=params),
+                                  Request(messages=[], params=params)])
+    assert gens[0].read().strip() and gens[0].usage.completion_tokens >= 1
+    with pytest.raises(GenerationError, match="no messages"):
+        gens[1].read()
