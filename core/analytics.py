@@ -204,6 +204,8 @@ def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB") -
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
         con.execute("SET parquet_metadata_cache = true")  # export files never change once written
+        # The exports are local files: prefetching only adds work (1M executions: scans 5-20 % faster without it).
+        con.execute("SET disable_parquet_prefetching = true")
         for s in exports.TABLES:
             if exports.parquet_files(root, s.name):
                 pattern = str(exports.table_dir(root, s.name) / "day=*" / "*.parquet")

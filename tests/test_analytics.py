@@ -423,6 +423,19 @@ REFUSED = [  # (query, what the one-line refusal says)
 ]
 
 
+def test_sandbox_caches_parquet_footers_and_reads_without_prefetching(sandboxed):
+    con = analytics.sandbox(sandboxed)
+    try:
+        settings = dict(con.execute("SELECT name, value FROM duckdb_settings() WHERE name IN "
+                                    "('parquet_metadata_cache', 'disable_parquet_prefetching', 'lock_configuration')"
+                                    ).fetchall())
+        assert settings == {"parquet_metadata_cache": "true", "disable_parquet_prefetching": "true",
+                            "lock_configuration": "true"}
+        assert con.execute("SELECT count(*) FROM executions").fetchone()[0] > 0
+    finally:
+        con.close()
+
+
 @pytest.mark.parametrize("query, reason", REFUSED)
 def test_sql_box_refuses_escapes_in_one_line(sandboxed, query, reason):
     with pytest.raises(AnalyticsError) as caught:
