@@ -290,7 +290,10 @@ def test_row_groups_are_clustered_for_the_dashboards(pool, settings, monkeypatch
     monkeypatch.setattr(exports, "COMPACT_AT", 3)
     spec = exports.EXECUTIONS
     key = [c for c, _ in spec.sort_keys]
-    assert key == ["status", "template_name", "template_version", "model_name", "id"]
+    assert key == ["status", "template_name", "template_version", "model_name", "total_ms", "id"]
+
+    def nulls_last(row: dict) -> tuple:
+        return tuple((row[c] is None, row[c] if row[c] is not None else 0) for c in key)
 
     def check(expect_files: int) -> list[int]:
         files = exports.parquet_files(settings.exports_dir, "executions")
@@ -300,8 +303,8 @@ def test_row_groups_are_clustered_for_the_dashboards(pool, settings, monkeypatch
             f = pq.ParquetFile(path)
             assert f.num_row_groups > 1
             for rows in (f.read_row_group(i).to_pylist() for i in range(f.num_row_groups)):
-                keys = [tuple(r[c] for c in key) for r in rows]
-                assert keys == sorted(keys)  # clustered: status, template, version, model, then id
+                keys = [nulls_last(r) for r in rows]
+                assert keys == sorted(keys)  # clustered: status, template, version, model, latency, then id
                 first_ids.append(min(r["id"] for r in rows))
         assert exported(settings) == in_postgres(pool)
         return first_ids
