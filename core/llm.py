@@ -364,6 +364,9 @@ def _free_models() -> None:
     """Free loaded models while the interpreter still works (llama_cpp's own __del__ fails at shutdown)."""
     for backend in list(_loaded):
         try:
+            if backend._batch is not None:  # its context uses the model's weights: freed first
+                backend._batch.close()
+                backend._batch = None
             backend.llm.close()
         except Exception:
             pass
@@ -381,7 +384,8 @@ class LlamaBackend(Backend):
     """llama-cpp-python in this process: one `Llama`, shared by every caller under a lock.
 
     Determinism: the batch size is fixed (n_batch == n_ubatch) and a cached prompt prefix is reused only up to a
-    multiple of it, so the same messages, parameters and seed give the same bytes whatever ran before.
+    multiple of it, so the same messages, parameters and seed give the same bytes whatever ran before. Only prompt
+    tokens are reused: generated ones were evaluated one at a time, by other kernels than a prompt block.
     """
 
     kind = "llama_cpp"
@@ -415,6 +419,7 @@ class LlamaBackend(Backend):
         self._sha256: str | None = None
         self.max_batch = max_batch
         self._batch: _BatchState | None = None
+        self._prompt_len = 0  # of the tokens in the model's cache, how many were evaluated as the last prompt
 
     def _choose_format(self, configured: str, meta: Mapping[str, str]) -> str:
         if configured not in ("auto", ""):
@@ -502,8 +507,8 @@ class LlamaBackend(Backend):
         return Generation(self._stream(tokens, params, usage), text, params, usage)
 
     def _aligned_prefix(self, tokens: Sequence[int]) -> int:
-        """How much of the cached state can be kept: the common prefix, cut to a multiple of n_batch."""
-        cached = self.llm.input_ids[: self.llm.n_tokens]
+        """How much of the cache can be kept: the common prefix with the cached prompt, cut to a multiple of n_batch."""
+        cached = self.llm.input_ids[: min(self.llm.n_tokens, self._prompt_len)]
         common = 0
         for a, b in zip(cached, tokens[:-1]):
             if a != b:
@@ -517,6 +522,7 @@ class LlamaBackend(Backend):
             llm = self.llm
             try:
                 llm.n_tokens = self._aligned_prefix(tokens)
+                self._prompt_len = len(tokens)
                 llm.set_seed(params.seed)
                 decoder = _Decoder(llm, params, len(tokens), self.n_ctx, usage, started)
                 for token in llm.generate(
@@ -625,7 +631,8 @@ class _BatchState:
 
     KV streams are not shared (kv_unified off), so each sequence's cells sit where a lone run puts them. Sequence 0
     holds a cached prompt prefix (a multiple of n_batch long) that is copied into a slot when it saves work; each
-    slot keeps what it evaluated last, so consecutive requests with the same prefix reuse it without a copy.
+    slot keeps the prompt it evaluated last, so consecutive requests with the same prefix reuse it without a copy.
+    Generated tokens are never reused: they were evaluated one at a time, not in a prompt's n_batch blocks.
     """
 
     def __init__(self, backend: LlamaBackend, slot_ctx: int):
@@ -647,7 +654,7 @@ class _BatchState:
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(max(self.n_batch, self.slots), 0, 1)
         self.held: list[int] = []                        # tokens of the shared prefix in sequence 0
-        self.cached: list[list[int]] = [[] for _ in range(self.slots)]
+        self.cached: list[list[int]] = [[] for _ in range(self.slots)]  # the last prompt of each slot
 
     def close(self) -> None:
         """Free the context."""
@@ -743,7 +750,6 @@ class _BatchState:
             self._decode([(active[s].last, active[s].pos, s + 1, True) for s in order])
             for k, slot in enumerate(order):
                 job = active[slot]
-                self.cached[slot].append(job.last)
                 job.pos += 1
                 if self._sampled(job, job.sampler.sample(self.ctx, k)):
                     del active[slot]

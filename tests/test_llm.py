@@ -227,3 +227,72 @@ def test_a_prompt_too_long_for_a_batch_slot_runs_alone_with_the_same_bytes(backe
 def test_batch_size_is_bounded(default_model_path):
     with pytest.raises(ValueError, match="max_batch must be between 1 and 6"):
         llm.LlamaBackend(default_model_path, max_batch=llm.MAX_BATCH + 1)
+
+
+def test_generated_tokens_are_never_reused_as_a_prompt_prefix(backend):
+    """A prompt that runs on into what the model generated before (a conversation's next turn) must not reuse the KV
+    of those generated tokens: they were evaluated one at a time, a cold run evaluates them in an n_batch block."""
+    prompt = "The bakery on the corner sells bread, cakes and pastries. " * 9
+    first = llm.Request(prompt=prompt, params=GenerationParams(max_tokens=40, seed=1, temperature=0.0))
+    other = llm.Request(prompt="Zebra " * 3, params=GenerationParams(max_tokens=4, seed=9))
+    backend.llm.reset()
+    said = backend.generate(prompt=prompt, params=first.params).read()
+    follow = llm.Request(prompt=prompt + said + " And then", params=GenerationParams(max_tokens=8, seed=2))
+    # Not vacuous: the follow-up shares a whole n_batch block with the cache that ends in generated tokens.
+    cached, tokens = list(backend.llm.input_ids[: backend.llm.n_tokens]), backend.tokenize_prompt(follow.prompt)
+    common = next(i for i, (a, b) in enumerate(zip(cached + [-1], tokens)) if a != b)
+    assert len(backend.tokenize_prompt(prompt)) < 2 * backend.n_batch <= common
+    warm = backend.generate(prompt=follow.prompt, params=follow.params).read()
+    lone = _lone(backend, follow)[0]
+    assert warm == lone
+    assert backend.generate_many([first, other])[0].read() == said   # `first` runs in batch slot 0...
+    assert backend.generate_many([follow, other])[0].read() == lone   # ...and `follow` after it
+
+
+def test_batch_slots_keep_exact_state_across_edge_cases(backend):
+    """A shared held prefix, a prompt that is a prefix of it, a prompt of exactly 2 x n_batch tokens, identical
+    prompts, budget 1, stop sequences, a short and a long prompt decoded together; then the slots are reused."""
+    base = "Note:" + " The bakery sells rye bread." * 20                       # 123 tokens
+    exact = base + " bread" * 5
+    assert len(backend.tokenize_prompt(exact)) == 2 * backend.n_batch
+    p = lambda **kw: GenerationParams(**{"max_tokens": 6, "seed": 3, "temperature": 0.9, **kw})
+    shared = [llm.Request(prompt=base + " Rye?", params=p()),
+              llm.Request(prompt=base + " Rye?", params=p(seed=4)),                   # identical prompt
+              llm.Request(prompt="Note:" + " The bakery sells rye bread." * 12, params=p()),   # prefix of what is held
+              llm.Request(prompt=exact, params=p(max_tokens=1)),
+              llm.Request(prompt=exact, params=p(stop=("e",))),
+              llm.Request(prompt=base + " Spelt?", params=p(temperature=0.0))]
+    mixed = [llm.Request(prompt="Hi", params=p(max_tokens=10)),
+             llm.Request(messages=ask("Do you sell rye?" * 20), params=p(max_tokens=10)),
+             llm.Request(prompt=exact + " And", params=p())]
+    for requests in (shared, mixed, shared[::-1], mixed + shared):
+        gens = backend.generate_many(requests)
+        for req, gen in zip(requests, gens):
+            assert (gen.read(), gen.usage.finish_reason, gen.usage.completion_tokens) == _lone(backend, req)[:3]
+
+
+def test_a_failure_mid_batch_fails_only_unfinished_requests_and_resets_the_batch_state(backend, monkeypatch):
+    requests = [llm.Request(prompt=f"Question {i}:", params=GenerationParams(max_tokens=1 if i == 0 else 5, seed=i))
+                for i in range(3)]
+    decode, calls = llm._BatchState._decode, []
+
+    def failing(self, entries):
+        calls.append(len(entries))
+        if len(calls) == 3:   # the third request's prompt: the first one has finished, the second is decoding
+            raise llm.GenerationError("batched decoding failed (llama_decode returned 1)")
+        return decode(self, entries)
+
+    monkeypatch.setattr(llm._BatchState, "_decode", failing)
+    gens = backend.generate_many(requests)
+    assert backend._batch is None and not backend.lock.locked()
+    assert gens[0].read() == _lone(backend, requests[0])[0] and gens[0].usage.finish_reason == "length"
+    for gen in gens[1:]:
+        with pytest.raises(llm.GenerationError, match="llama_decode returned 1"):
+            gen.read()
+    monkeypatch.setattr(llm._BatchState, "_decode", lambda self, entries: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        backend.generate_many(requests)
+    assert backend._batch is None and not backend.lock.locked()
+    monkeypatch.setattr(llm._BatchState, "_decode", decode)
+    for req, gen in zip(requests, backend.generate_many(requests)):
+        assert gen.read() == _lone(backend, req)[0]
