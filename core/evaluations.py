@@ -530,10 +530,15 @@ RETURNING w.id, w.run_id, w.position, w.seq, w.item_id, w.item_revision_id, w.me
 def claim_many(pool: ConnectionPool, worker: str, *, run_id: int | None = None, limit: int = 1,
                lease_s: float = LEASE_S) -> list[WorkItem]:
     """Claim up to `limit` next items in prefix order (queued, or whose lease ran out) of any active run, or of one."""
-    query = _CLAIM.format(run_filter="AND r.id = %(run)s" if run_id is not None else "")
+    # An item claimed before (its worker stopped before finishing it) is claimed alone: an item that kills its worker
+    # uses up its own attempts (MAX_ATTEMPTS), never those of the items claimed with it.
+    run_filter = "AND r.id = %(run)s" if run_id is not None else ""
+    args = {"worker": worker, "lease": lease_s, "run": run_id, "limit": 1}
     with pool.connection() as conn, conn.cursor(row_factory=class_row(WorkItem)) as cur:
-        works = cur.execute(query, {"worker": worker, "lease": lease_s, "run": run_id,
-                                    "limit": max(1, limit)}).fetchall()
+        works = cur.execute(_CLAIM.format(run_filter=run_filter), args).fetchall()
+        if works and works[0].attempts == 1 and limit > 1:   # a first claim: more first claims may join it
+            works += cur.execute(_CLAIM.format(run_filter=f"{run_filter} AND w2.attempts = 0"),
+                                 {**args, "limit": limit - 1}).fetchall()
         if works:
             conn.execute("UPDATE eval_runs SET status = 'running', started_at = coalesce(started_at, now()) "
                          "WHERE id = ANY(%s) AND status = 'queued'", (sorted({w.run_id for w in works}),))

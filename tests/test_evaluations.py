@@ -239,6 +239,34 @@ def test_an_item_whose_workers_keep_dying_fails_after_max_attempts(pool, setting
     assert not result.passed and "gave up after 3 attempts" in result.error
 
 
+def test_items_claimed_again_are_claimed_alone_so_a_crashing_item_spends_only_its_own_attempts(pool, settings):
+    make_template(pool)
+    make_dataset(pool, 5)
+    run = evaluations.create_run(pool, settings, dataset="d", templates=["qa"], evaluators=["contains: e"])
+    batch = evaluations.claim_many(pool, "crashy", run_id=run.id, limit=3, lease_s=0)   # its worker dies on them
+    assert [w.attempts for w in batch] == [1, 1, 1]
+    time.sleep(0.01)
+    for crashed in batch:   # each is taken over alone, before the items nobody has tried yet
+        assert [(w.id, w.attempts) for w in evaluations.claim_many(pool, "w2", limit=3)] == [(crashed.id, 2)]
+    fresh = evaluations.claim_many(pool, "w2", limit=3)
+    assert len(fresh) == 2 and {w.attempts for w in fresh} == {1} and not {w.id for w in fresh} & {w.id for w in batch}
+    # An item that keeps killing its workers gives up alone; the items once claimed with it are evaluated.
+    with pool.connection() as conn:
+        conn.execute("UPDATE eval_work_items SET lease_until = now() - interval '1 second' WHERE id = %s "
+                     "OR id = %s", (batch[0].id, batch[1].id))
+    for _ in range(evaluations.MAX_ATTEMPTS - 1):
+        assert [w.id for w in evaluations.claim_many(pool, "crashy", limit=3, lease_s=0)] == [batch[0].id]
+        time.sleep(0.01)
+    with pool.connection() as conn:
+        conn.execute("UPDATE eval_work_items SET lease_until = now() - interval '1 second' WHERE run_id = %s "
+                     "AND status = 'running'", (run.id,))
+    run_all(pool, settings)
+    results = {r.item_id: r for r in evaluations.list_results(pool, run.id)}
+    assert len(results) == 5
+    assert [r.item_id for r in results.values() if r.error] == [batch[0].item_id]
+    assert "gave up after 3 attempts" in results[batch[0].item_id].error
+
+
 def _worker_process(settings):
     env = {**os.environ, "PROMPTDEV_DATABASE_URL": settings.database_url, "PROMPTDEV_DATA_DIR": str(settings.data_dir),
            "PROMPTDEV_MODEL_PATH": str(settings.model_path)}
