@@ -174,19 +174,15 @@ class Result:
     checks: list
 
 
-@dataclass(frozen=True)
-class EvaluatorSummary:
-    """One evaluator's results over a version."""
+class _PassCounts:
+    """Pass rate and its interval for rows that count `passed` out of `n`."""
 
-    name: str
-    origin: str
-    n: int
     passed: int
-    mean_score: float | None
+    n: int
 
     @property
     def pass_rate(self) -> float:
-        """Passed / n."""
+        """Passed / n (0 when nothing was evaluated)."""
         return self.passed / self.n if self.n else 0.0
 
     @property
@@ -196,7 +192,18 @@ class EvaluatorSummary:
 
 
 @dataclass(frozen=True)
-class VersionSummary:
+class EvaluatorSummary(_PassCounts):
+    """One evaluator's results over a version."""
+
+    name: str
+    origin: str
+    n: int
+    passed: int
+    mean_score: float | None
+
+
+@dataclass(frozen=True)
+class VersionSummary(_PassCounts):
     """Aggregates of one version of a run."""
 
     run_id: int
@@ -212,39 +219,14 @@ class VersionSummary:
     mean_completion_tokens: float | None
     evaluators: list[EvaluatorSummary]
 
-    @property
-    def pass_rate(self) -> float:
-        """Items passed / items done."""
-        return self.passed / self.n if self.n else 0.0
-
-    @property
-    def pass_ci(self) -> tuple[float, float]:
-        """Wilson 95% interval of the pass rate."""
-        return stats.wilson_interval(self.passed, self.n)
-
 
 # ------------------------------------------------------------------------------------------------------ definition
-
-def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
-    """`name`, `name@label` or `name@3` → (name, label, version)."""
-    from core import templates
-
-    match = templates.REF_RE.match(ref.strip()) if isinstance(ref, str) else None
-    if not match:
-        raise ValueError(f"{ref!r} is not a template reference (name, name@label or name@version)")
-    selector = match.group("selector")
-    if selector is None:
-        return match.group("name"), None, None
-    if selector.isdigit():
-        return match.group("name"), None, int(selector)
-    return match.group("name"), selector, None
-
 
 def _resolve_version(pool: ConnectionPool, ref: str) -> tuple[Any, str | None]:
     """(TemplateVersion, the label it was chosen by) for a reference."""
     from core import templates
 
-    name, label, version = parse_ref(ref)
+    name, label, version = templates.parse_ref(ref)
     tv = templates.get_template_by_name(pool, name, label=label, version=version)
     if label is None and version is None:
         labels = templates.get_labels(pool, name)

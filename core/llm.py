@@ -297,7 +297,7 @@ class _Decoder:
         if self.usage.ttft_s is None:
             self.usage.ttft_s = time.perf_counter() - self.started
         if self._is_eog(self.vocab, token):
-            return self._end(FINISH_STOP)
+            return self.end(FINISH_STOP)
         self.completion.append(token)
         self.usage.completion_tokens = len(self.completion)
         raw = self.llm.detokenize(self.completion)
@@ -311,12 +311,13 @@ class _Decoder:
             if out:
                 self.pieces.append(out)
             if stopped:
-                return self._end(FINISH_STOP)
+                return self.end(FINISH_STOP)
         if len(self.completion) >= self.budget:
-            return self._end(FINISH_LENGTH)
+            return self.end(FINISH_LENGTH)
         return False
 
-    def _end(self, finish: str) -> bool:
+    def end(self, finish: str) -> bool:
+        """Close the generation with this finish reason (releasing held-back text); True."""
         self.finish = finish
         tail = self.stopper.flush()
         if tail:
@@ -327,6 +328,23 @@ class _Decoder:
         """Text ready to hand out since the last call."""
         out, self.pieces = self.pieces, []
         return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _aligned(cached: Sequence[int], tokens: Sequence[int], n_batch: int) -> int:
+    """Tokens of a cached prompt that a new prompt may reuse: the common prefix cut to a multiple of n_batch."""
+    # The new prompt's last token is always evaluated (its logits give the first token); the cut makes the rest
+    # go through the same n_batch blocks as in a cold run, so reuse never changes an output.
+    return _common_prefix(cached, tokens[:-1]) // n_batch * n_batch
 
 
 _loaded: "weakref.WeakSet[LlamaBackend]" = weakref.WeakSet()
@@ -509,12 +527,7 @@ class LlamaBackend(Backend):
     def _aligned_prefix(self, tokens: Sequence[int]) -> int:
         """How much of the cache can be kept: the common prefix with the cached prompt, cut to a multiple of n_batch."""
         cached = self.llm.input_ids[: min(self.llm.n_tokens, self._prompt_len)]
-        common = 0
-        for a, b in zip(cached, tokens[:-1]):
-            if a != b:
-                break
-            common += 1
-        return (common // self.n_batch) * self.n_batch
+        return _aligned(cached, tokens, self.n_batch)
 
     def _stream(self, tokens: list[int], params: GenerationParams, usage: Usage) -> Iterator[str]:
         started = time.perf_counter()
@@ -533,7 +546,7 @@ class LlamaBackend(Backend):
                     if over:
                         break
                 else:
-                    decoder._end(FINISH_STOP)
+                    decoder.end(FINISH_STOP)
                     yield from decoder.take()
                 usage.finish_reason = decoder.finish
             finally:
@@ -672,7 +685,7 @@ class _BatchState:
             raise GenerationError(f"batched decoding failed (llama_decode returned {code})")
 
     def _eval(self, seq: int, tokens: Sequence[int], start: int) -> int:
-        """Evaluate tokens from position start in n_batch blocks (logits on each block's last); the last block's size."""
+        """Evaluate tokens from position start in n_batch blocks (logits on each block's last); last block's size."""
         size = 0
         for b in range(0, len(tokens), self.n_batch):
             block = tokens[b:b + self.n_batch]
@@ -680,26 +693,13 @@ class _BatchState:
             self._decode([(t, start + b + k, seq, k == size - 1) for k, t in enumerate(block)])
         return size
 
-    def _aligned(self, cached: Sequence[int], tokens: Sequence[int]) -> int:
-        common = 0
-        for a, b in zip(cached, tokens[:-1]):
-            if a != b:
-                break
-            common += 1
-        return common // self.n_batch * self.n_batch
-
     def _hold(self, jobs: Sequence[_Job]) -> None:
         """Put the prefix the jobs share into sequence 0, when it is longer than what is held."""
         shared = list(jobs[0].tokens[:-1])
         for job in jobs[1:]:
-            n = 0
-            for a, b in zip(shared, job.tokens[:-1]):
-                if a != b:
-                    break
-                n += 1
-            shared = shared[:n]
+            shared = shared[:_common_prefix(shared, job.tokens[:-1])]
         want = len(shared) // self.n_batch * self.n_batch
-        keep = self._aligned(self.held, shared + [0])
+        keep = _common_prefix(self.held, shared) // self.n_batch * self.n_batch
         if want <= keep or want < self.n_batch:
             return
         self.lib.llama_memory_seq_rm(self.memory, 0, keep, -1)
@@ -710,7 +710,8 @@ class _BatchState:
     def _start(self, slot: int, job: _Job) -> bool:
         """Evaluate a job's prompt in a slot and sample its first token; True when it is already over."""
         seq = slot + 1
-        own, held = self._aligned(self.cached[slot], job.tokens), self._aligned(self.held, job.tokens)
+        own = _aligned(self.cached[slot], job.tokens, self.n_batch)
+        held = _aligned(self.held, job.tokens, self.n_batch)
         if held > own:
             self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
             self.lib.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)

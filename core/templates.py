@@ -1464,10 +1464,6 @@ def _resolve(conn: psycopg.Connection, name: str, label: str | None = None,
 
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     """`name`, `name@label` or `name@3` -> (name, label, version); IncludeError (a TemplateError) when malformed."""
-    return _parse_ref(ref)
-
-
-def _parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     if not isinstance(ref, str):
         raise IncludeError(f"{ref!r} is not a template reference (name, name@label or name@version)")
     match = REF_RE.match(ref.strip())
@@ -1492,7 +1488,7 @@ def _resolve_includes(conn_factory: Any, roots: Sequence[_Compiled], root_key: s
     def fetch(ref: str) -> tuple[str, _Compiled] | None:
         if ref in resolved:
             return resolved[ref]
-        name, label, version = _parse_ref(ref)
+        name, label, version = parse_ref(ref)
         if self_name is not None and name == self_name and version is None and label in (None, "latest"):
             if len(self_compiled) != 1:
                 raise IncludeError(f"include {ref!r}: a chat template cannot be included")
