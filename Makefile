@@ -9,13 +9,17 @@ STAMP  := $(VENV)/.installed
 # crash (SIGSEGV in ggml_backend_amx_mul_mat) on the machines we run on.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: run test setup install bench worker clean-data
+.PHONY: run test lint setup install bench worker clean-data
 
 run: setup  # the app process also runs a background worker for submitted executions and evaluation runs
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff over the whole tree (rules in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
 
 # Model assembled, embedded Postgres started, migrations applied (idempotent: seconds on a second run).
 setup: install

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -84,32 +85,40 @@ def backend(default_model_path: Path):
     return llm.get_backend(replace(Settings(), model_path=default_model_path))
 
 
+def stop_app_workers(only_orphaned: bool) -> None:
+    """Stop the worker threads the app starts (glue.start_worker), or only those whose pool is already closed."""
+    for thread in threading.enumerate():
+        args = getattr(thread, "_args", ())
+        if thread.name == "promptdev-worker" and len(args) == 3 and isinstance(args[2], threading.Event):
+            if not only_orphaned or getattr(args[0], "closed", False):
+                args[2].set()
+                thread.join(10)
+
+
 @pytest.fixture
 def deep_link_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Environment for AppTest as a server's first visitor sees it (Streamlit's pages/ folder mode still on)."""
+    """Environment for AppTest as a server's first visitor sees it (Streamlit's pages/ folder mode still on).
+
+    The app starts a background worker per database. One left polling the closed pool of an earlier test's database
+    logs tracebacks, and formatting them (traceback carets call ast.parse) races Streamlit's ast.parse of the page on
+    CPython 3.11 ("AST constructor recursion depth mismatch"): such workers are stopped before the test, and this
+    test's worker before its database goes.
+    """
     monkeypatch.setenv("PROMPTDEV_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("PROMPTDEV_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("PROMPTDEV_MODEL_PATH", str(settings.model_path))
-    return settings
+    stop_app_workers(only_orphaned=True)
+    yield settings
+    stop_app_workers(only_orphaned=False)
 
 
 @pytest.fixture
 def app_env(deep_link_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Environment for AppTest: the app reads its settings from PROMPTDEV_* variables.
+    """Environment for AppTest: the app reads its settings from PROMPTDEV_* variables, and every run goes through
+    app.py's st.navigation, as in production (pages/routing.py says why that needs help)."""
+    from pages import routing
 
-    AppTest switches Streamlit back to its pages/ folder mode before every run, where a rerun runs the page file
-    without app.py; a served app leaves that mode for good at its first run (see pages/glue.py). Do the same here
-    so every AppTest run goes through app.py's st.navigation, as in production.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original_init = PagesManager.__init__
-
-    def init_in_navigation_mode(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init_in_navigation_mode)
+    routing.stay_in_navigation_mode(monkeypatch)
     return deep_link_env
 
 
@@ -163,3 +172,13 @@ def llama_server(default_model_path: Path):
     server.start()
     yield server
     server.stop()
+
+
+MODEL_FIXTURES = {"backend", "llama_server"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that loads or serves the real model `model`, so `-m "not model"` runs the rest quickly."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
