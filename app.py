@@ -1,4 +1,8 @@
-"""PromptDev: the Streamlit entry point. It only builds the navigation; each page lives in pages/."""
+"""PromptDev: the Streamlit entry point. It only builds the navigation; each page lives in pages/.
+
+An error no page caught ends up here: an expected one is shown as one line, anything else as Streamlit's error box
+with its traceback, logged with it (pages/glue.py).
+"""
 
 import streamlit as st
 
@@ -11,6 +15,8 @@ PAGES = {
     "Build": [
         st.Page("pages/templates.py", title="Templates", icon=":material/description:"),
         st.Page("pages/playground.py", title="Playground", icon=":material/science:"),
+        st.Page("pages/ledger.py", title="Ledger", icon=":material/receipt_long:"),
+        st.Page("pages/models.py", title="Models", icon=":material/memory:"),
     ],
     "Operate": [
         st.Page("pages/chat.py", title="Chat", icon=":material/chat:"),
@@ -26,4 +32,5 @@ PAGES = {
 glue.sidebar_user()
 glue.start_worker()
 glue.start_metrics()
-st.navigation(PAGES).run()
+with glue.reported():
+    st.navigation(PAGES).run()

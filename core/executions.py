@@ -337,6 +337,17 @@ def resolve_params(defaults: Mapping[str, Any] | None,
     return GenerationParams.from_dict(merged)
 
 
+def free_form_messages(system: str, prompt: str, *,
+                       raw: bool = False) -> tuple[list[dict[str, str]] | None, str | None]:
+    """(messages, None) of a free-form prompt after an optional system prompt, or raw, (None, the exact prompt text)."""
+    if not prompt.strip():
+        raise ValueError("write a prompt to run")
+    if raw:
+        return None, (system + "\n\n" if system.strip() else "") + prompt
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    return messages + [{"role": "user", "content": prompt}], None
+
+
 @dataclass(frozen=True)
 class PreparedRun:
     """A rendered template ready to send: where it came from, the messages and the parameters (seed drawn)."""
@@ -667,6 +678,15 @@ def start_rerun(pool: ConnectionPool, backend: Backend, execution_id: int, *, so
 def is_identical(original: Execution, new: Execution) -> bool:
     """True when a re-run reproduced the original: both finished ok with the same output."""
     return original.status == new.status == "ok" and original.output == new.output
+
+
+def why_rerun_differs(original: Execution, new: Execution) -> str:
+    """Why a re-run may not reproduce its original: another model file or prompt text ('' when neither changed)."""
+    if new.model_sha256 != original.model_sha256:
+        return "The model file differs."
+    if original.prompt is not None and new.prompt != original.prompt:
+        return "The prompt text the model saw differs (its chat format changed)."
+    return ""
 
 
 def rerun(pool: ConnectionPool, backend: Backend, execution_id: int, source: str = "rerun",

@@ -31,11 +31,8 @@ if not user_id.strip():
     st.query_params.pop(QUERY_USER, None)
     st.info("Enter a user id to start chatting.")
     st.stop()
-try:
+with glue.reported(stop=True):
     user_id = conversations.check_user_id(user_id)
-except ValueError as exc:
-    glue.show_error(exc)
-    st.stop()
 if st.query_params.get(QUERY_USER) != user_id:
     st.query_params[QUERY_USER] = user_id
 

@@ -10,7 +10,8 @@ import streamlit as st
 
 from core import datasets as ds
 from core import templates as tpl
-from pages import glue
+from core.errors import EXPECTED_ERRORS
+from pages import glue, widgets
 
 PAGE_SIZE = 500
 ALL_TAGS = "All items"
@@ -23,31 +24,18 @@ ENCODINGS = ["utf-8", "latin-1", "cp1252", "utf-16"]
 
 # Session-state keys.
 KEY_OPEN = "datasets.open"            # the open dataset's name
-KEY_FLASH = "datasets.flash"          # [(kind, message)] shown once on the next run
 KEY_GRID_VERSION = "datasets.grid_version"  # bumped after a save so the grid starts from the stored items
 KEY_TAG = "datasets.tag"
 KEY_SEARCH = "datasets.search"
 KEY_PAGE = "datasets.page"
 KEY_REPORT = "datasets.import_report"  # the last import's report, shown until the next one
 KEY_EXPORT = "datasets.export"         # format -> (dataset, tag, bytes) prepared for download
-KEY_PENDING_OPEN = "datasets.pending_open"  # the dataset to open on the next run
-
-
-def flash(kind: str, message: str) -> None:
-    """Queue a message for the next run."""
-    st.session_state.setdefault(KEY_FLASH, []).append((kind, message))
-
-
-def show_flash() -> None:
-    """Messages queued by the previous run."""
-    for kind, message in st.session_state.pop(KEY_FLASH, []):
-        getattr(st, kind)(message)
 
 
 def open_dataset(name: str | None) -> None:
-    """Open a dataset on the next run."""
-    st.session_state[KEY_PENDING_OPEN] = name
+    """Rerun with this dataset open (None: the first), its grid starting from the stored items."""
     st.session_state[KEY_GRID_VERSION] = st.session_state.get(KEY_GRID_VERSION, 0) + 1
+    widgets.rerun_with(**{KEY_OPEN: name})
 
 
 def new_dataset_form(pool, templates: list[str]) -> None:
@@ -63,9 +51,8 @@ def new_dataset_form(pool, templates: list[str]) -> None:
                 d = ds.create_dataset(pool, name.strip(), description=description,
                                       default_template=None if default == "(none)" else default,
                                       created_by=glue.current_user())
-                flash("success", f"Created dataset {d.name}.")
+                widgets.flash("success", f"Created dataset {d.name}.")
                 open_dataset(d.name)
-                st.rerun()
 
 
 def items_tab(pool, name: str) -> None:
@@ -116,7 +103,7 @@ def items_tab(pool, name: str) -> None:
                                                         (summary.revised, "revised (new revision)"),
                                                         (summary.deleted, "deleted"),
                                                         (summary.archived, "removed (kept for their runs)")) if n]
-                flash("success", "Saved: " + ", ".join(parts) + ".")
+                widgets.flash("success", "Saved: " + ", ".join(parts) + ".")
                 st.session_state[KEY_GRID_VERSION] = st.session_state.get(KEY_GRID_VERSION, 0) + 1
                 st.rerun()
     with st.expander("Item history"):
@@ -154,7 +141,7 @@ def import_tab(pool, name: str) -> None:
     sep = "\t" if delimiter == "tab" else delimiter
     try:
         preview = ds.parse_file(data, fmt=fmt, encoding=encoding, delimiter=sep, limit=20)
-    except ValueError as exc:
+    except EXPECTED_ERRORS as exc:
         glue.show_error(exc)
         return
     st.markdown("**Column mapping**")
@@ -175,7 +162,7 @@ def import_tab(pool, name: str) -> None:
                 mapping[column] = role
     try:
         preview = ds.parse_file(data, fmt=fmt, mapping=mapping, encoding=encoding, delimiter=sep, limit=20)
-    except ValueError as exc:
+    except EXPECTED_ERRORS as exc:
         glue.show_error(exc)
         return
     st.markdown(f"**Preview** (first {preview.rows} row(s))")
@@ -195,9 +182,8 @@ def import_tab(pool, name: str) -> None:
                                     delimiter=sep, strict=strict, created_by=glue.current_user(),
                                     progress=lambda f, m: bar.progress(min(1.0, f), text=m))
             st.session_state[KEY_REPORT] = report
-            flash("success", report.summary().capitalize() + ".")
+            widgets.flash("success", report.summary().capitalize() + ".")
             open_dataset(report.dataset)
-            st.rerun()
     report_panel()
 
 
@@ -243,26 +229,22 @@ def settings_tab(pool, dataset: ds.Dataset, templates: list[str]) -> None:
             with glue.reported():
                 d = ds.update_dataset(pool, dataset.name, description=description, new_name=new_name.strip(),
                                       default_template=None if default == "(none)" else default)
-                flash("success", "Settings saved.")
+                widgets.flash("success", "Settings saved.")
                 open_dataset(d.name)
-                st.rerun()
     st.markdown("**Delete**")
     with_runs = st.checkbox("Also delete the evaluation runs of this dataset", key="datasets.delete_runs")
     confirm = st.text_input("Type the dataset's name to confirm", key="datasets.delete_confirm")
     if st.button("Delete dataset", key="datasets.delete", disabled=confirm.strip() != dataset.name):
         with glue.reported():
             ds.delete_dataset(pool, dataset.name, with_runs=with_runs)
-            flash("success", f"Deleted {dataset.name}.")
+            widgets.flash("success", f"Deleted {dataset.name}.")
             open_dataset(None)
-            st.rerun()
 
 
 st.title("Datasets")
 st.caption("Inputs and expected outputs to evaluate prompts on. Items a run has used are never edited in place.")
 pool = glue.pool()
-show_flash()
-if KEY_PENDING_OPEN in st.session_state:  # set before the selectbox exists
-    st.session_state[KEY_OPEN] = st.session_state.pop(KEY_PENDING_OPEN)
+widgets.carry_over()
 template_names = tpl.template_names(pool)
 all_datasets = ds.list_datasets(pool)
 names = [d.name for d in all_datasets]

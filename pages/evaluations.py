@@ -16,7 +16,8 @@ import yaml
 from core import datasets as ds
 from core import evaluations as ev
 from core import evaluators, promptfoo
-from pages import glue
+from core.errors import InvalidInput
+from pages import glue, widgets
 
 VIEWS = ("Runs", "New run", "Compare", "Import promptfoo")
 EVALUATOR_TYPES = sorted(evaluators.TYPES)
@@ -25,22 +26,9 @@ NONE = "(none)"
 # Session-state keys.
 KEY_VIEW = "evaluations.view"
 KEY_RUN = "evaluations.run"               # the open run's id
-KEY_PENDING = "evaluations.pending"       # widget values to set before widgets exist on the next run
-KEY_FLASH = "evaluations.flash"           # [(kind, message)] shown once on the next run
 KEY_COMPARE_RUN = "evaluations.compare.run"
 KEY_DISAGREE = "evaluations.compare.disagree"
 KEY_FAILED_ONLY = "evaluations.results.failed"
-
-
-def flash(kind: str, message: str) -> None:
-    """Queue a message for the next run."""
-    st.session_state.setdefault(KEY_FLASH, []).append((kind, message))
-
-
-def go(**widgets) -> None:
-    """Rerun with widget values set first (e.g. another view, another run)."""
-    st.session_state[KEY_PENDING] = widgets
-    st.rerun()
 
 
 def run_label(run: ev.Run) -> str:
@@ -56,6 +44,17 @@ def pct(x: float | None) -> str:
 
 # ------------------------------------------------------------------------------------------------------ new run
 
+def evaluator_list(text: str) -> list:
+    """Evaluators typed as YAML (a promptfoo assert list)."""
+    try:
+        specs = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"The YAML is not valid: {next(iter(str(exc).splitlines()), '?')}") from exc
+    if not isinstance(specs, list):
+        raise InvalidInput("The YAML must be a list of evaluators (- type: ...)")
+    return specs
+
+
 def new_run_view(pool, settings) -> None:
     """Define a run and queue it."""
     all_datasets = ds.list_datasets(pool)
@@ -66,11 +65,7 @@ def new_run_view(pool, settings) -> None:
     if not refs:
         st.info("No templates yet: create one on the Templates page first.")
         return
-    from core import models
-
-    with glue.reported():
-        models.ensure_default_model_registered(pool, settings)
-    model_names = [m.name for m in models.list_models(pool)]
+    model_names = [m.name for m in glue.model_registry(pool, settings)]
     a, b = st.columns(2)
     names = [d.name for d in all_datasets]
     dataset_name = a.selectbox("Dataset", names, key="evaluations.new.dataset")
@@ -118,19 +113,15 @@ def new_run_view(pool, settings) -> None:
                            key="evaluations.new.yaml", height=120,
                            placeholder="- type: icontains\n  value: '{{ city }}'\n- type: latency\n  threshold: 2000")
     if st.button("Start run", key="evaluations.new.start", type="primary", disabled=not chosen):
-        with glue.reported(yaml.YAMLError):
-            if as_yaml.strip():
-                specs = yaml.safe_load(as_yaml)
-                if not isinstance(specs, list):
-                    raise glue.UserError("The YAML must be a list of evaluators (- type: ...)")
-            else:
-                specs = [s for s in (evaluators.spec_from_row(r) for r in grid.to_dict("records")) if s]
+        with glue.reported():
+            specs = (evaluator_list(as_yaml) if as_yaml.strip() else
+                     [s for s in (evaluators.spec_from_row(r) for r in grid.to_dict("records")) if s])
             run = ev.create_run(pool, settings, dataset=dataset_name, templates=chosen, evaluators=specs,
                                 model=model, params=params, tag=None if tag == "All items" else tag, name=name,
                                 created_by=glue.current_user(), source="ui")
-            flash("success", f"Run #{run.id} queued: {run.total} item(s). Workers run it in the background — "
-                             f"leaving this page does not stop it.")
-            go(**{KEY_VIEW: "Runs", KEY_RUN: run.id})
+            widgets.flash("success", f"Run #{run.id} queued: {run.total} item(s). Workers run it in the "
+                                     f"background — leaving this page does not stop it.")
+            widgets.rerun_with(**{KEY_VIEW: "Runs", KEY_RUN: run.id})
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -230,25 +221,25 @@ def run_view(pool, settings) -> None:
     if active and a.button("Cancel run", key="evaluations.cancel"):
         with glue.reported():
             ev.cancel_run(pool, run.id)
-            flash("info", f"Run #{run.id} cancelled; items being generated finish.")
+            widgets.flash("info", f"Run #{run.id} cancelled; items being generated finish.")
             st.rerun()
     if run.status == "cancelled" and a.button("Resume", key="evaluations.resume"):
         with glue.reported():
             n = ev.resume_run(pool, run.id)
-            flash("success", f"Run #{run.id}: {n} item(s) queued again.")
+            widgets.flash("success", f"Run #{run.id}: {n} item(s) queued again.")
             st.rerun()
     resolve = c.checkbox("Follow labels", key="evaluations.rerun_labels",
                          help="Re-run with what the labels point at now instead of the same exact versions")
     if b.button("Re-run", key="evaluations.rerun"):
         with glue.reported():
             new = ev.rerun(pool, settings, run.id, resolve_labels=resolve, created_by=glue.current_user())
-            flash("success", f"Run #{new.id} queued (re-run of #{run.id}).")
-            go(**{KEY_RUN: new.id})
+            widgets.flash("success", f"Run #{new.id} queued (re-run of #{run.id}).")
+            widgets.rerun_with(**{KEY_RUN: new.id})
     if not active and d.button("Delete run", key="evaluations.delete"):
         with glue.reported():
             ev.delete_run(pool, run.id)
-            flash("info", f"Run #{run.id} deleted.")
-            go(**{KEY_RUN: None})
+            widgets.flash("info", f"Run #{run.id} deleted.")
+            widgets.rerun_with(**{KEY_RUN: None})
     summaries = ev.summarize_run(pool, run.id)
     if not any(s.n for s in summaries):
         return
@@ -411,7 +402,7 @@ def promptfoo_view(pool, settings) -> None:
                     (Path(tmp) / Path(f.name).name).write_bytes(f.getvalue())
                 configs = [f.name for f in uploads if f.name.lower().endswith((".yaml", ".yml"))]
                 if not configs:
-                    raise glue.UserError("Upload the promptfoo config (.yaml) with its files")
+                    raise InvalidInput("Upload the promptfoo config (.yaml) with its files")
                 config = next((c for c in configs if Path(c).stem == "promptfooconfig"), configs[0])
                 config_path = Path(tmp) / Path(config).name
             else:
@@ -419,9 +410,9 @@ def promptfoo_view(pool, settings) -> None:
             run, imported = promptfoo.start(pool, settings, config_path, created_by=glue.current_user(),
                                             name=name.strip() or None)
             for line in imported.report_lines():
-                flash("warning" if line.startswith("unsupported") else "info", line)
-            flash("success", f"Run #{run.id} queued: {run.total} item(s).")
-            go(**{KEY_VIEW: "Runs", KEY_RUN: run.id})
+                widgets.flash("warning" if line.startswith("unsupported") else "info", line)
+            widgets.flash("success", f"Run #{run.id} queued: {run.total} item(s).")
+            widgets.rerun_with(**{KEY_VIEW: "Runs", KEY_RUN: run.id})
 
 
 # ---------------------------------------------------------------------------------------------------------- page
@@ -431,13 +422,7 @@ st.caption("Score template versions over a dataset, compare them with statistics
            "(`promptdev eval run … --min-pass-rate`).")
 pool = glue.pool()
 settings = glue.settings()
-for key, value in st.session_state.pop(KEY_PENDING, {}).items():
-    if value is None:
-        st.session_state.pop(key, None)
-    else:
-        st.session_state[key] = value
-for kind, message in st.session_state.pop(KEY_FLASH, []):
-    getattr(st, kind)(message)
+widgets.carry_over()
 view = st.radio("View", VIEWS, key=KEY_VIEW, horizontal=True, label_visibility="collapsed")
 with glue.reported():  # e.g. a run deleted from another session meanwhile: one line, not a traceback
     if view == "Runs":

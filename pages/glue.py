@@ -1,21 +1,23 @@
 """Streamlit glue shared by the pages: cached resources (settings, pool, model, worker), error display, keys.
 
 Pages call `core` through these; they never touch SQL or the model library. Never mutate what a cached resource returns.
+
+Errors follow core.errors: an expected one (a `PromptDevError`, an unreachable database) is shown as one line; anything
+else is a bug, shown as Streamlit's error box with its traceback and logged with it on the server.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import streamlit as st
 
-from core import runtime
+from core import models, runtime
 from core.config import Settings, SettingsError, load_settings
-from core.errors import EXPECTED_ERRORS, user_message
+from core.errors import EXPECTED_ERRORS, is_expected, user_message
+from pages import routing
 
 log = logging.getLogger("promptdev.ui")
 
@@ -24,43 +26,9 @@ KEY_USER = "promptdev.user"
 KEY_WARMUP = "home.warmup_result"
 
 
-class UserError(Exception):
-    """Something the user can fix; shown as a one-line error."""
-
-
-APP_SCRIPT = str(Path(__file__).resolve().parent.parent / "app.py")
-
-
-def _running_under_app() -> bool:
-    """True when this page runs inside app.py's st.navigation (app.py is on the call stack)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_filename == APP_SCRIPT:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _leave_pages_directory_mode() -> None:
-    """Make app.py's st.navigation the only router.
-
-    Streamlit treats a `pages/` folder beside the main script as a v1 multipage app until some run calls
-    st.navigation; a first visitor landing on a deep link (/templates) would get the page file run on its own,
-    with the folder's files (glue included) as the navigation. Pages call `settings()` first, which calls this:
-    when the page is not running inside app.py, switch that mode off and rerun through app.py.
-    """
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - internal module moved
-        return
-    if getattr(PagesManager, "uses_pages_directory", False) and not _running_under_app():
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 def settings() -> Settings:
     """The workbench settings, read from the environment on each run (cheap); stops the page on bad config."""
-    _leave_pages_directory_mode()
+    routing.leave_pages_directory_mode()
     try:
         return load_settings()
     except SettingsError as exc:
@@ -127,23 +95,34 @@ def start_metrics() -> None:
         _metrics(s.metrics_port)
 
 
-error_message = user_message  # a one-line message for an exception, without internals (core.errors)
-
-
 def show_error(exc: BaseException) -> None:
-    """Show an exception as a clear one-line error (the traceback goes to the server log only)."""
-    log.info("user-facing error", exc_info=exc)
-    st.error(user_message(exc))
+    """Show an exception: an expected one as one line (details at INFO in the log), anything else as Streamlit's
+    error box with its traceback, logged with it."""
+    if is_expected(exc):
+        log.info("user-facing error", exc_info=exc)
+        st.error(user_message(exc))
+    else:
+        log.error("unexpected error in the UI", exc_info=exc)
+        st.exception(exc)
 
 
 @contextmanager
-def reported(*errors: type[BaseException]) -> Iterator[None]:
-    """Run a block; expected errors (bad input, database, model, UserError and any given) are shown as one line
-    instead of a traceback."""
+def reported(stop: bool = False) -> Iterator[None]:
+    """Run a block; an error in it is shown (see show_error) instead of ending the page. With stop, the page stops
+    there after showing it."""
     try:
         yield
-    except (UserError, *EXPECTED_ERRORS, *errors) as exc:
+    except Exception as exc:  # st.stop and st.rerun are not Exceptions: they pass
         show_error(exc)
+        if stop:
+            st.stop()
+
+
+def model_registry(pool, settings: Settings) -> list:
+    """The registered models, the default first (registered on first use; a failure to is shown as one line)."""
+    with reported():
+        models.ensure_default_model_registered(pool, settings)
+    return models.list_models(pool)
 
 
 def current_user() -> str:

@@ -10,14 +10,15 @@ from typing import Any
 
 import streamlit as st
 
+from core import executions
 from core import templates as tpl
-from pages import glue
+from core.errors import EXPECTED_ERRORS, InvalidInput
+from pages import glue, widgets
 
 PAGE_SIZE = 50
 MODE_BROWSE, MODE_NEW = "Browse", "New template"
 STATUSES = {"All": None, "Active": True, "Inactive": False}
 ANY = "Any"
-AVATARS = {"system": "⚙️", "user": "user", "assistant": "assistant"}
 
 # Session-state keys.
 KEY_MODE = "templates.mode"
@@ -27,8 +28,6 @@ KEY_TAG = "templates.tag"
 KEY_STATUS = "templates.status"
 KEY_PAGE = "templates.page"
 KEY_OPEN = "templates.open"  # the open template's name
-KEY_FLASH = "templates.flash"  # [(kind, message)] shown once on the next run
-KEY_PENDING = "templates.pending"  # widget values to set at the start of the next run
 KEY_CONFIRM_ROLLBACK = "templates.confirm_rollback"  # (name, version) awaiting confirmation
 KEY_EXPORT = "templates.export_text"
 NEW_PREFIX = "templates.new"
@@ -39,39 +38,19 @@ def edit_prefix(name: str, base: int) -> str:
     return f"templates.edit.{name}.v{base}"
 
 
-def flash(kind: str, message: str) -> None:
-    """Queue a message for the next run."""
-    st.session_state.setdefault(KEY_FLASH, []).append((kind, message))
-
-
-def rerun_with(**widgets: Any) -> None:
-    """Rerun, first setting (or with None clearing) widget values."""
-    st.session_state[KEY_PENDING] = widgets
-    st.rerun()
-
-
-def apply_pending() -> None:
-    """Set the widget values a previous run asked for (before any widget exists)."""
-    for key, value in st.session_state.pop(KEY_PENDING, {}).items():
-        if value is None:
-            st.session_state.pop(key, None)
-        else:
-            st.session_state[key] = value
-
-
 def to_first_page() -> None:
     """Filters changed: back to page 1."""
     st.session_state[KEY_PAGE] = 1
 
 
 def parse_json(text: str, label: str) -> Any:
-    """JSON from a text area (None when empty); ValueError with a one-line message."""
+    """JSON from a text area (None when empty); InvalidInput with a one-line message."""
     if not text or not text.strip():
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise glue.UserError(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise InvalidInput(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
 def pretty(value: Any) -> str:
@@ -79,28 +58,9 @@ def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False) if value else ""
 
 
-def show_messages(messages: list[dict[str, str]]) -> None:
-    """Rendered messages, as chat bubbles showing the exact text."""
-    for m in messages:
-        with st.chat_message(m["role"], avatar=AVATARS.get(m["role"])):
-            st.caption(m["role"])
-            st.code(m["content"], language=None, wrap_lines=True)
-
-
-def variable_inputs(prefix: str, names: list[str]) -> dict[str, str]:
-    """A text box per variable; returns the values typed so far (empty ones left out)."""
-    values: dict[str, str] = {}
-    cols = st.columns(2) if len(names) > 1 else [st.container()]
-    for i, name in enumerate(names):
-        value = cols[i % len(cols)].text_area(name, key=f"{prefix}.var.{name}", height=68)
-        if value != "":
-            values[name] = value
-    return values
-
-
 def preview(pool, prefix: str, render, names: list[str], schema: dict | None) -> None:
     """Live preview: fill the variables, see the rendered messages."""
-    values = variable_inputs(prefix, names)
+    values, _ = widgets.variable_inputs(prefix, executions.variable_specs(names, None), columns=2)  # text boxes
     as_json = st.checkbox("Values are JSON", key=f"{prefix}.json",
                           help="Parse each value as JSON (lists, objects, numbers)")
     if as_json:
@@ -117,10 +77,10 @@ def preview(pool, prefix: str, render, names: list[str], schema: dict | None) ->
     except tpl.MissingVariables as exc:
         st.info(f"Fill in the variables to see the prompt — {exc}")
         return
-    except tpl.TemplateError as exc:
+    except EXPECTED_ERRORS as exc:
         glue.show_error(exc)
         return
-    show_messages(rendered.messages)
+    widgets.show_messages(rendered.messages)
     st.caption(f"{sum(len(m['content']) for m in rendered.messages):,} characters")
 
 
@@ -177,7 +137,7 @@ def editor_preview(pool, prefix: str, values: dict[str, Any]) -> None:
     with st.expander("Live preview", expanded=False):
         try:
             schema = parse_json(values["input_schema"], "Input schema")
-        except glue.UserError as exc:
+        except InvalidInput as exc:
             glue.show_error(exc)
             return
         names = values["analysis"].variables
@@ -203,13 +163,13 @@ def new_template_form(pool) -> None:
     if st.button("Create template", key=f"{NEW_PREFIX}.create", type="primary"):
         with glue.reported():
             if values["analysis"].error:
-                raise glue.UserError(values["analysis"].error)
+                raise InvalidInput(values["analysis"].error)
             tv = tpl.create_template(pool, name.strip(), values["content"], description=description,
                                      category=category, tags=tags.split(","), owner=owner or glue.current_user(),
                                      created_by=glue.current_user(), **parsed_fields(values))
-            flash("success", f"Created {tv.name} version 1")
+            widgets.flash("success", f"Created {tv.name} version 1")
             clear = {k: None for k in list(st.session_state) if str(k).startswith(NEW_PREFIX + ".")}
-            rerun_with(**clear, **{KEY_MODE: MODE_BROWSE, KEY_OPEN: tv.name})
+            widgets.rerun_with(**clear, **{KEY_MODE: MODE_BROWSE, KEY_OPEN: tv.name})
 
 
 def template_list(pool) -> None:
@@ -281,16 +241,17 @@ def edit_tab(pool, t: tpl.Template, versions: list[int]) -> None:
     if st.button("Save new version", key=f"{prefix}.save", type="primary"):
         with glue.reported():
             if values["analysis"].error:
-                raise glue.UserError(values["analysis"].error)
+                raise InvalidInput(values["analysis"].error)
             saved, created = tpl.update_template(pool, t.name, values["content"], created_by=glue.current_user(),
                                                  change_description=change, base_version=base,
                                                  **parsed_fields(values))
             if created:
-                flash("success", f"Saved {t.name} version {saved.version}")
+                widgets.flash("success", f"Saved {t.name} version {saved.version}")
             else:
-                flash("info", f"No changes: the content is identical to version {saved.version}; nothing was saved")
+                widgets.flash("info", f"No changes: the content is identical to version {saved.version}; "
+                                      "nothing was saved")
             clear = {k: None for k in list(st.session_state) if str(k).startswith(prefix + ".")}
-            rerun_with(**clear, **{f"templates.edit.{t.name}.base": None})
+            widgets.rerun_with(**clear, **{f"templates.edit.{t.name}.base": None})
 
 
 def history_tab(pool, t: tpl.Template, history: list[tpl.TemplateVersion]) -> None:
@@ -326,10 +287,10 @@ def history_tab(pool, t: tpl.Template, history: list[tpl.TemplateVersion]) -> No
             st.session_state.pop(KEY_CONFIRM_ROLLBACK, None)
             with glue.reported():
                 tv, created = tpl.rollback_to_version(pool, t.name, pending[1], created_by=glue.current_user())
-                flash("success" if created else "info",
+                widgets.flash("success" if created else "info",
                       f"Rolled back: version {tv.version} has version {pending[1]}'s content" if created else
                       f"Nothing to roll back: version {pending[1]} is identical to the current version")
-                rerun_with(**{f"templates.edit.{t.name}.base": None})
+                widgets.rerun_with(**{f"templates.edit.{t.name}.base": None})
         if no.button("Cancel", key=f"templates.rollback.{t.name}.cancel"):
             st.session_state.pop(KEY_CONFIRM_ROLLBACK, None)
             st.rerun()
@@ -368,9 +329,9 @@ def labels_tab(pool, t: tpl.Template, versions: list[int]) -> None:
     if c.button("Move label", key=f"templates.labels.{t.name}.move", type="primary"):
         with glue.reported():
             if not label:
-                raise glue.UserError("Type a label name")
+                raise InvalidInput("Type a label name")
             moved = tpl.set_label(pool, t.name, label, version, moved_by=glue.current_user())
-            flash("success" if moved else "info",
+            widgets.flash("success" if moved else "info",
                   f"{label} → version {version}" if moved else f"{label} already points at version {version}")
             st.rerun()
     if t.labels:
@@ -379,7 +340,7 @@ def labels_tab(pool, t: tpl.Template, versions: list[int]) -> None:
         if e.button("Remove label", key=f"templates.labels.{t.name}.remove"):
             with glue.reported():
                 tpl.remove_label(pool, t.name, gone, moved_by=glue.current_user())
-                flash("success", f"Removed label {gone}")
+                widgets.flash("success", f"Removed label {gone}")
                 st.rerun()
     events = tpl.get_label_history(pool, t.name)
     if events:
@@ -416,33 +377,30 @@ def manage_tab(pool, t: tpl.Template) -> None:
         if st.button("Save details", key=f"templates.manage.{t.name}.save"):
             with glue.reported():
                 tpl.update_metadata(pool, t.name, description=description, category=category, tags=tags, owner=owner)
-                flash("success", f"Saved the details of {t.name}")
+                widgets.flash("success", f"Saved the details of {t.name}")
                 st.rerun()
     a, b = st.columns(2)
     with a.container(border=True):
         st.markdown("**Status**")
-        if t.active:
-            st.caption("Active: can be rendered by name.")
-            if st.button("Deactivate", key=f"templates.manage.{t.name}.deactivate"):
-                with glue.reported():
-                    tpl.deactivate_template(pool, t.name)
-                    flash("success", f"{t.name} is now inactive")
-                    st.rerun()
-        else:
-            st.caption("Inactive: kept with its history, but cannot be rendered by name.")
-            if st.button("Activate", key=f"templates.manage.{t.name}.activate"):
-                with glue.reported():
-                    tpl.activate_template(pool, t.name)
-                    flash("success", f"{t.name} is active again")
-                    st.rerun()
+        caption, action, switch, done = (
+            ("Active: can be rendered by name.", "Deactivate", tpl.deactivate_template, "is now inactive")
+            if t.active else
+            ("Inactive: kept with its history, but cannot be rendered by name.", "Activate", tpl.activate_template,
+             "is active again"))
+        st.caption(caption)
+        if st.button(action, key=f"templates.manage.{t.name}.{action.lower()}"):
+            with glue.reported():
+                switch(pool, t.name)
+                widgets.flash("success", f"{t.name} {done}")
+                st.rerun()
     with b.container(border=True):
         st.markdown("**Duplicate**")
         new_name = st.text_input("New name", key=f"templates.manage.{t.name}.new_name", placeholder=f"{t.name}-copy")
         if st.button("Duplicate", key=f"templates.manage.{t.name}.duplicate"):
             with glue.reported():
                 tv = tpl.duplicate_template(pool, t.name, new_name.strip(), created_by=glue.current_user())
-                flash("success", f"Created {tv.name} from {t.name} version {t.latest_version}")
-                rerun_with(**{KEY_OPEN: tv.name, f"templates.manage.{t.name}.new_name": None})
+                widgets.flash("success", f"Created {tv.name} from {t.name} version {t.latest_version}")
+                widgets.rerun_with(**{KEY_OPEN: tv.name, f"templates.manage.{t.name}.new_name": None})
     text = tpl.dump_export(tpl.export_templates(pool, [t.name]), "yaml")
     st.download_button("Export as YAML", text, file_name=f"{t.name}.yaml", mime="application/yaml",
                        key=f"templates.manage.{t.name}.export")
@@ -491,17 +449,15 @@ def import_export(pool) -> None:
                     fmt = tpl.format_for_path(upload.name)
                     report = tpl.import_templates(pool, tpl.load_export(upload.getvalue().decode("utf-8"), fmt),
                                                   imported_by=glue.current_user())
-                    flash("success", report.summary())
+                    widgets.flash("success", report.summary())
                     st.rerun()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
-apply_pending()
 st.title("Templates")
 pool = glue.pool()
-for kind, message in st.session_state.pop(KEY_FLASH, []):
-    getattr(st, kind)(message)
+widgets.carry_over()
 
 mode = st.radio("Mode", (MODE_BROWSE, MODE_NEW), key=KEY_MODE, horizontal=True, label_visibility="collapsed")
 if mode == MODE_NEW:

@@ -43,16 +43,6 @@ def test_missing_model_file_is_one_clear_error(app_env, monkeypatch, tmp_path):
     assert any("missing.gguf" in e.value for e in at.error)
 
 
-def test_a_deep_link_is_routed_through_app_navigation(deep_link_env):
-    """A first visitor landing on /templates gets app.py's navigation, not the pages/ folder as v1 pages."""
-    at = AppTest.from_file(APP_PATH, default_timeout=60)
-    at.switch_page("pages/templates.py")
-    at.run()
-    assert not at.exception
-    assert at.sidebar.text_input(key="promptdev.user") is not None  # app.py ran: its sidebar is there
-    assert at.title[0].value == "Templates"
-
-
 def test_app_serves_prometheus_metrics_when_a_port_is_set(app_env, monkeypatch):
     import urllib.request
 

@@ -11,11 +11,12 @@ from tests.conftest import APP_PATH
 TINY = {"max_tokens": 2, "temperature": 0.0, "seed": 1}
 
 
-def open_monitor() -> AppTest:
+def open_monitor(tab: str = "Conversations") -> AppTest:
     at = AppTest.from_file(APP_PATH, default_timeout=120)
     at.session_state["promptdev.user"] = "olivia"
     at.run()
     at.switch_page("pages/monitor.py")
+    at.session_state["monitor.tab"] = tab  # only the open tab runs
     at.run()
     assert not at.exception, at.exception
     return at
@@ -135,7 +136,7 @@ def test_memory_view_set_and_delete(app_env, pool, backend, settings):
 
 
 def test_guardrail_rules_are_managed_and_a_broken_regex_is_refused(app_env, pool):
-    at = open_monitor()
+    at = open_monitor("Guardrails")
     at.text_input(key="monitor.rule_name").input("bad regex").run()
     at.selectbox(key="monitor.rule_kind").select("regex").run()
     at.text_input(key="monitor.rule_pattern").input("(unclosed").run()
@@ -170,7 +171,7 @@ def test_guardrail_rules_are_managed_and_a_broken_regex_is_refused(app_env, pool
 def test_flagged_messages_are_reviewed_and_retention_purges(app_env, pool, backend, settings):
     guardrails.create_rule(pool, "emails", "email", action="flag")
     conversations.send_message(pool, backend, settings, "eve", "write to eve@example.com", params=TINY)
-    at = open_monitor()
+    at = open_monitor("Flagged")
     flagged = next(d.value for d in at.dataframe if "Rules" in d.value.columns)
     assert list(flagged["User"]) == ["eve"] and list(flagged["Rules"]) == ["emails"]
     click(at, "monitor.review")
@@ -179,6 +180,8 @@ def test_flagged_messages_are_reviewed_and_retention_purges(app_env, pool, backe
 
     with pool.connection() as conn:
         conn.execute("UPDATE conversations SET last_activity = now() - interval '40 days'")
+    at.session_state["monitor.tab"] = "Retention"
+    at.run()
     at.number_input(key="monitor.purge_days").set_value(30).run()
     click(at, "monitor.purge")  # not confirmed: refused
     assert at.error and "confirmation" in at.error[0].value
@@ -202,3 +205,17 @@ def test_live_refresh_can_be_paused_and_a_purged_selection_is_not_an_error(app_e
     at.run()
     assert not at.exception and not at.error
     assert any("No conversations yet" in i.value for i in at.info)
+
+
+def test_only_the_open_tab_queries(app_env, pool, monkeypatch):
+    asked = []
+    monkeypatch.setattr(conversations, "flagged_messages", lambda *a, **k: asked.append("flagged") or [])
+    monkeypatch.setattr(guardrails, "list_rules", lambda *a, **k: asked.append("rules") or [])
+    monkeypatch.setattr(conversations, "list_purges", lambda *a, **k: asked.append("purges") or [])
+    at = open_monitor()
+    assert asked == []
+    for tab, query in (("Flagged", "flagged"), ("Guardrails", "rules"), ("Retention", "purges")):
+        asked.clear()
+        at.session_state["monitor.tab"] = tab
+        at.run()
+        assert not at.exception and query in asked and set(asked) == {query}
