@@ -1,9 +1,9 @@
-"""Background worker: polls the database for queued work (submitted executions, evaluation items) and runs it.
+"""Background worker: polls the database for queued work and runs it.
 
-Domain modules register a *task source*: a function `(pool, settings) -> bool` that claims and runs at most one
-unit of work (with `FOR UPDATE SKIP LOCKED`, so any number of workers on any number of machines can share the
-database) and returns True when it did something. The worker loops over the sources; it sleeps briefly when none
-had work.
+What it runs is `sources()`: one *task source* per kind of work, a function `(pool, settings) -> bool` that claims
+and runs at most one unit of it (with `FOR UPDATE SKIP LOCKED`, so any number of workers on any number of machines
+can share the database) and returns True when it did something. The worker gives each source a turn, in that order,
+and sleeps briefly when none had work.
 """
 
 from __future__ import annotations
@@ -17,18 +17,32 @@ from typing import Callable
 
 from psycopg_pool import ConnectionPool, PoolClosed
 
+from core import db
 from core.config import Settings
 
 log = logging.getLogger(__name__)
 
 TaskSource = Callable[[ConnectionPool, Settings], bool]
+
+
+def sources() -> dict[str, TaskSource]:
+    """Everything the worker runs, in the order each source gets its turn."""
+    # Imported here, not at the top: each of these modules imports this one at its top (worker_id, register_source).
+    from core import conversations, evaluations, executions
+
+    return {
+        "executions": executions.run_next_queued,  # submitted executions (submit_execution, promptdev run --submit)
+        "evaluations": evaluations.run_next,  # evaluation items, PROMPTDEV_EVAL_BATCH at a time
+        "conversations.retention": conversations._retention_source,  # PROMPTDEV_RETENTION_DAYS purge, hourly
+    }
+
+
+# What the source modules announce with register_source when imported. Nothing runs from it: sources() is the list.
 _sources: dict[str, TaskSource] = {}
-# Modules whose import registers task sources; missing ones are skipped.
-SOURCE_MODULES = ("core.executions", "core.evaluations", "core.conversations")
 
 
 def register_source(name: str, source: TaskSource) -> None:
-    """Register (or replace) a named task source."""
+    """Kept for the source modules, which still announce their source when imported; the worker runs sources()."""
     _sources[name] = source
 
 
@@ -37,17 +51,10 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
-def _load_sources() -> dict[str, TaskSource]:
-    from core import import_optional
-
-    import_optional(SOURCE_MODULES)
-    return dict(_sources)
-
-
 def run_once(pool: ConnectionPool, settings: Settings) -> bool:
     """Give every source one chance to run a unit of work; True when any did."""
     did = False
-    for name, source in _load_sources().items():
+    for name, source in sources().items():
         try:
             did = source(pool, settings) or did
         except PoolClosed:
@@ -81,8 +88,6 @@ def start_thread(pool: ConnectionPool, settings: Settings) -> tuple[threading.Th
 
 def run_forever(settings: Settings, concurrency: int = 1, quiet: bool = False) -> None:
     """The `promptdev worker` command: run worker threads until interrupted."""
-    from core import db
-
     pool = db.get_pool(settings)
     if not quiet:
         print(f"worker {worker_id()} started with {concurrency} thread(s); Ctrl-C stops it", flush=True)

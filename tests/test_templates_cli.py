@@ -194,7 +194,7 @@ def test_console_script_exit_codes(app_env):
 
 
 def test_the_issue_examples_verbatim(cli, pool, monkeypatch):
-    monkeypatch.setattr("core.cli_templates._whoami", lambda: "login-name")
+    monkeypatch.setattr("core.cli.templates._whoami", lambda: "login-name")
     assert cli("templates", "create", "chatbot", "You are {{role}}. Help with {{topic}}.", "--created-by",
                "admin")[0] == 0
     code, out, err = cli("templates", "update", "chatbot", "You are {{role}}. Help with {{topic}}, briefly.",

@@ -7,17 +7,14 @@ import getpass
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+import yaml
+
+from core import db
 from core import templates as tpl
-from core.cli import fail
+from core.cli._common import fail
 from core.config import Settings
-
-
-def _pool(settings: Settings):
-    from core import db
-
-    return db.get_pool(settings)
 
 
 def _whoami() -> str:
@@ -47,8 +44,6 @@ def _json_arg(value: str | None, what: str) -> Any:
         except OSError as exc:
             fail(f"{what}: cannot read {value[1:]}: {exc.strerror or exc}")
         if value.lower().endswith((".yaml", ".yml")):
-            import yaml
-
             try:
                 return yaml.safe_load(text)
             except yaml.YAMLError as exc:
@@ -150,7 +145,7 @@ def _version_dict(tv: tpl.TemplateVersion) -> dict[str, Any]:
 
 def _create(args: argparse.Namespace, settings: Settings) -> None:
     content, extra = _read_content(args)
-    tv = tpl.create_template(_pool(settings), args.name, content, description=args.description,
+    tv = tpl.create_template(db.get_pool(settings), args.name, content, description=args.description,
                              category=args.category, tags=args.tag or (), owner=args.owner or "",
                              created_by=_author(args), change_description=args.change, **_schemas(args, extra))
     print(f"created {tv.name} version {tv.version} (variables: {', '.join(tv.variables) or '-'})")
@@ -162,7 +157,7 @@ def _author(args: argparse.Namespace) -> str:
 
 def _update(args: argparse.Namespace, settings: Settings) -> None:
     content, extra = _read_content(args)
-    tv, created = tpl.update_template(_pool(settings), args.name, content, created_by=_author(args),
+    tv, created = tpl.update_template(db.get_pool(settings), args.name, content, created_by=_author(args),
                                       change_description=args.change, base_version=args.from_version,
                                       **_schemas(args, extra))
     if created:
@@ -173,7 +168,7 @@ def _update(args: argparse.Namespace, settings: Settings) -> None:
 
 def _list(args: argparse.Namespace, settings: Settings) -> None:
     active = {"active": True, "inactive": False, "all": None}[args.status]
-    page = tpl.list_templates(_pool(settings), search=args.search, category=args.category, tag=args.tag,
+    page = tpl.list_templates(db.get_pool(settings), search=args.search, category=args.category, tag=args.tag,
                               active=active, limit=args.limit, offset=args.offset, order=args.order)
     if args.json:
         print(json.dumps({"total": page.total, "templates": [
@@ -195,7 +190,7 @@ def _list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _get(args: argparse.Namespace, settings: Settings) -> None:
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     tv = tpl.get_template_by_name(pool, args.name, label=args.label, version=args.version)
     if args.json:
         print(json.dumps(_version_dict(tv), indent=2, ensure_ascii=False))
@@ -207,7 +202,7 @@ def _get(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _history(args: argparse.Namespace, settings: Settings) -> None:
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     labels = tpl.get_labels(pool, args.name)
     by_version: dict[int, list[str]] = {}
     for label, version in labels.items():
@@ -220,7 +215,7 @@ def _history(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _diff(args: argparse.Namespace, settings: Settings) -> None:
-    diff = tpl.diff_versions(_pool(settings), args.name, args.a, args.b)
+    diff = tpl.diff_versions(db.get_pool(settings), args.name, args.a, args.b)
     if not diff.changed:
         print(f"versions {args.a} and {args.b} are identical")
         return
@@ -235,7 +230,7 @@ def _diff(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _rollback(args: argparse.Namespace, settings: Settings) -> None:
-    tv, created = tpl.rollback_to_version(_pool(settings), args.name, args.version, created_by=_author(args),
+    tv, created = tpl.rollback_to_version(db.get_pool(settings), args.name, args.version, created_by=_author(args),
                                           change_description=args.change)
     if created:
         print(f"created {tv.name} version {tv.version}: rollback to version {args.version}")
@@ -244,7 +239,7 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _label(args: argparse.Namespace, settings: Settings) -> None:
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     by = args.by if args.by is not None else _whoami()
     if args.label is None:
         for label, version in sorted(tpl.get_labels(pool, args.name).items()):
@@ -267,20 +262,20 @@ def _label(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _activate(args: argparse.Namespace, settings: Settings) -> None:
-    changed = tpl.set_active(_pool(settings), args.name, args.active)
+    changed = tpl.set_active(db.get_pool(settings), args.name, args.active)
     state = "active" if args.active else "inactive"
     print(f"{args.name} is now {state}" if changed else f"{args.name} was already {state}")
 
 
 def _duplicate(args: argparse.Namespace, settings: Settings) -> None:
-    tv = tpl.duplicate_template(_pool(settings), args.name, args.new_name, version=args.version,
+    tv = tpl.duplicate_template(db.get_pool(settings), args.name, args.new_name, version=args.version,
                                 created_by=_author(args))
     print(f"created {tv.name} version 1 ({tv.change_description})")
 
 
 def _export(args: argparse.Namespace, settings: Settings) -> None:
     fmt = args.format or ("yaml" if args.file == "-" else tpl.format_for_path(args.file))
-    data = tpl.export_templates(_pool(settings), args.names or None)
+    data = tpl.export_templates(db.get_pool(settings), args.names or None)
     text = tpl.dump_export(data, fmt)
     if args.file == "-":
         sys.stdout.write(text)
@@ -292,10 +287,10 @@ def _export(args: argparse.Namespace, settings: Settings) -> None:
 def _import(args: argparse.Namespace, settings: Settings) -> None:
     by = args.by if args.by is not None else _whoami()
     if args.file == "-":
-        report = tpl.import_templates(_pool(settings), tpl.load_export(sys.stdin.read(), args.format or "yaml"),
+        report = tpl.import_templates(db.get_pool(settings), tpl.load_export(sys.stdin.read(), args.format or "yaml"),
                                       imported_by=by)
     else:
-        report = tpl.import_from_file(_pool(settings), args.file, imported_by=by, fmt=args.format)
+        report = tpl.import_from_file(db.get_pool(settings), args.file, imported_by=by, fmt=args.format)
     print(report.summary())
 
 
@@ -322,7 +317,7 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def _render(args: argparse.Namespace, settings: Settings) -> None:
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     variables: dict[str, Any] = {}
     if args.vars:
         loaded = _json_arg("@" + args.vars, "--vars")
@@ -344,31 +339,9 @@ def _render(args: argparse.Namespace, settings: Settings) -> None:
             print(m["content"])
 
 
-def _one_line_errors(parser: argparse.ArgumentParser, *, leaf: bool = True) -> None:
-    """Usage errors as one line on stderr and exit code 2, like every other promptdev error (argparse prints the
-    whole usage first); a leaf command also refuses arguments it does not know, itself, in the same way."""
-    command = parser.prog.split(" ", 1)[-1]
-
-    def error(message: str) -> NoReturn:
-        parser.exit(2, f"promptdev: {command}: {message} (see: {parser.prog} --help)\n")
-
-    parser.error = error  # type: ignore[method-assign]
-    if leaf:
-        parse_known_args = parser.parse_known_args
-
-        def strict(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
-            namespace, extras = parse_known_args(args, namespace)
-            if extras:
-                error(f"unrecognized arguments: {' '.join(extras)}")
-            return namespace, extras
-
-        parser.parse_known_args = strict  # type: ignore[method-assign]
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `templates …` and `render` to the promptdev command line."""
     top = subparsers.add_parser("templates", help="manage versioned prompt templates")
-    _one_line_errors(top, leaf=False)
     sub = top.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("create", help="create a template (version 1)")
@@ -465,5 +438,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vars", help="a JSON or YAML file of variables")
     p.add_argument("--json", action="store_true", help="print the messages as JSON")
     p.set_defaults(func=_render)
-    for parser in (*sub.choices.values(), p):
-        _one_line_errors(parser)

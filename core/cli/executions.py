@@ -7,10 +7,12 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from core.cli import CLIError, fail
+from core import db, executions, models, templates
+from core.cli._common import fail, json_or_text, table
 from core.config import CHAT_FORMATS, Settings
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(:?)=(.*)$", re.S)
@@ -44,13 +46,6 @@ def parse_arguments(items: Sequence[str]) -> tuple[dict[str, Any], str | None]:
     return variables, message
 
 
-def _param_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     """`--param k=v` options as a mapping; values are JSON when they parse as JSON, else text."""
     params: dict[str, Any] = {}
@@ -58,7 +53,7 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             fail(f"--param takes key=value, got {item!r}")
-        params[key.strip()] = _param_value(value)
+        params[key.strip()] = json_or_text(value)
     return params
 
 
@@ -134,8 +129,6 @@ def _stream_recorded(run: Any) -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions, models
-
     variables, message = parse_arguments(args.arguments)
     params = parse_params(args.param)
     for key in ("seed", "max_tokens", "temperature"):
@@ -170,15 +163,7 @@ def _row(e: Any) -> list[str]:
             "" if e.total_ms is None else f"{e.total_ms:.0f}", output[:40] + ("…" if len(output) > 40 else "")]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
 def _as_json(e: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
     d = asdict(e)
     for k, v in d.items():
         if isinstance(v, datetime):
@@ -188,8 +173,6 @@ def _as_json(e: Any) -> dict[str, Any]:
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions
-
     if args.status is not None and args.status not in executions.STATUSES:
         fail(f"unknown status {args.status!r}; choose one of {', '.join(executions.STATUSES)}")
     if args.source is not None and args.source not in executions.SOURCES:
@@ -205,14 +188,12 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     elif not rows:
         print("no executions match", file=sys.stderr)
     else:
-        print(_table(["ID", "CREATED", "STATUS", "SOURCE", "TEMPLATE", "MODEL", "TOKENS", "MS", "OUTPUT"],
+        print(table(["ID", "CREATED", "STATUS", "SOURCE", "TEMPLATE", "MODEL", "TOKENS", "MS", "OUTPUT"],
                      [_row(e) for e in rows]))
     return 0
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions, models
-
     pool = db.get_pool(settings)
     try:
         e = executions.wait_for_execution(pool, args.id, timeout=args.wait) if args.wait else \
@@ -248,8 +229,6 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rerun(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions, models
-
     pool = db.get_pool(settings)
     original = executions.get_execution(pool, args.id)
     backend = models.backend_for_execution(pool, settings, original)
@@ -264,8 +243,6 @@ def _rerun(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions, templates
-
     pool = db.get_pool(settings)
     if args.template:
         templates.get_template(pool, args.template)  # LookupError names an unknown template
@@ -276,7 +253,7 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
     elif not rows:
         print("no templates yet", file=sys.stderr)
     else:
-        print(_table(["TEMPLATE", "RUNS", "LAST USED"], [
+        print(table(["TEMPLATE", "RUNS", "LAST USED"], [
             [r["template"], str(r["uses"]),
              r["last_used"].astimezone().strftime("%Y-%m-%d %H:%M:%S") if r["last_used"] else "never"]
             for r in rows]))
@@ -284,8 +261,6 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cancel(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, executions
-
     if not executions.cancel_execution(db.get_pool(settings), args.id):
         fail(f"execution {args.id} is not queued any more; only queued executions can be cancelled")
     print(f"execution {args.id} cancelled", file=sys.stderr)
@@ -293,8 +268,6 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, models
-
     pool = db.get_pool(settings)
     try:
         models.ensure_default_model_registered(pool, settings)
@@ -304,15 +277,13 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps([{**m.__dict__, "created_at": m.created_at.isoformat()} for m in rows], indent=2))
         return 0
-    print(_table(["NAME", "DEFAULT", "BACKEND", "LOCATION", "FORMAT", "CONTEXT", "SHA256"],
+    print(table(["NAME", "DEFAULT", "BACKEND", "LOCATION", "FORMAT", "CONTEXT", "SHA256"],
                  [[m.name, "*" if m.is_default else "", m.backend, m.location, m.chat_format, str(m.n_ctx),
                    (m.sha256 or "")[:12]] for m in rows]))
     return 0
 
 
 def _models_add(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, models
-
     backend = "openai" if args.base_url else "llama_cpp"
     m = models.register_model(db.get_pool(settings), args.name, backend=backend, path=args.path,
                               base_url=args.base_url, remote_model=args.remote_model, api_key_env=args.api_key_env,
@@ -322,8 +293,6 @@ def _models_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _models_remove(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db, models
-
     models.delete_model(db.get_pool(settings), args.name)
     print(f"removed {args.name}")
     return 0
@@ -416,5 +385,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("name")
     p.set_defaults(func=_models_remove)
 
-
-__all__ = ["register", "parse_arguments", "parse_params", "parse_time", "figures_line", "CLIError"]

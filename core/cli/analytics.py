@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
-from core.cli import fail, progress
+from core import db
+from core.cli._common import fail
 from core.config import Settings
+
+# core.analytics and core.exports load DuckDB, pandas and pyarrow, which take about a second to import: the commands
+# below import them when they run, so that every other promptdev command starts without them.
 
 FORMATS = ("table", "csv", "json")
 
@@ -93,7 +97,7 @@ def _day(text: str | None, what: str) -> date | None:
 
 
 def _filters(args: argparse.Namespace):
-    from core.analytics import Filters
+    from core.analytics import Filters  # DuckDB: see the top
 
     if args.days < 1:
         fail("--days must be at least 1")
@@ -103,16 +107,28 @@ def _filters(args: argparse.Namespace):
                    source=args.source, user=args.user)
 
 
-def _pool(settings: Settings):
-    from core import db
-
-    return db.get_pool(settings)
+def progress(iterable, total: int | None = None, label: str = "", stream=None):
+    """Yield from iterable while drawing a one-line progress bar on stderr."""
+    stream = stream or sys.stderr
+    count = 0
+    for item in iterable:
+        yield item
+        count += 1
+        if total:
+            width = 30
+            filled = int(width * count / total)
+            stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {count}/{total}")
+        else:
+            stream.write(f"\r{label} {count}")
+        stream.flush()
+    stream.write("\n")
+    stream.flush()
 
 
 def _run_export(settings: Settings, tables=None, full: bool = False, quiet: bool = False) -> list:
-    from core import exports
+    from core import exports  # pyarrow: see the top
 
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     names = tables or [s.name for s in exports.TABLES]
     results = []
     iterator = exports.export_iter(pool, settings, tables=tables, full=full)
@@ -137,11 +153,11 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _maybe_export(args: argparse.Namespace, settings: Settings) -> None:
-    from core import exports
+    from core import exports  # pyarrow: see the top
 
     if getattr(args, "no_export", False):
         return
-    if exports.is_stale(_pool(settings), settings, min_interval_s=0):
+    if exports.is_stale(db.get_pool(settings), settings, min_interval_s=0):
         _run_export(settings, quiet=True)
 
 
@@ -153,25 +169,26 @@ def _print(frame, fmt: str) -> None:
     elif frame.empty:
         print("(no rows)")
     else:
-        import pandas as pd
+        import pandas as pd  # see the top
 
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
             print(frame.to_string(index=False))
 
 
-def _console_script() -> bool:
-    """True in the `promptdev` command (or python -m core.cli), not when main() is called from Python."""
-    return Path(sys.argv[0]).name in ("promptdev", "cli.py") if sys.argv and sys.argv[0] else False
+def _query_still_running() -> bool:
+    """True while a query given up at its time limit still runs (core.analytics runs each on an analytics-sql
+    thread, and DuckDB cannot stop some operations at once)."""
+    return any(t.name == "analytics-sql" and t.is_alive() for t in threading.enumerate())
 
 
 def _query(args: argparse.Namespace, settings: Settings) -> int:
-    from core.analytics import QueryRefused, _Worker, run_sql
+    from core.analytics import QueryRefused, run_sql  # DuckDB: see the top
 
     _maybe_export(args, settings)
     try:
         result = run_sql(settings.exports_dir, args.sql, limit=args.limit, time_limit_s=args.timeout)
     except QueryRefused as exc:
-        if _Worker.lingering() and _console_script():
+        if args.own_process and _query_still_running():
             # DuckDB is still stopping the query on a thread: exit now, at the time limit, with the one-line
             # reason (an interpreter shutdown would wait for nothing useful and print DuckDB's teardown noise).
             print(f"promptdev: {exc}", file=sys.stderr)
@@ -186,30 +203,30 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _summary(args: argparse.Namespace, settings: Settings) -> int:
-    import pandas as pd
+    import pandas as pd  # see the top
 
-    from core.analytics import Analytics, list_prices
+    from core.analytics import Analytics, list_prices  # DuckDB: see the top
 
     f = _filters(args)
     _maybe_export(args, settings)
     with Analytics(settings.exports_dir) as a:
-        figures = a.summary(f, list_prices(_pool(settings)))
+        figures = a.summary(f, list_prices(db.get_pool(settings)))
     _print(pd.DataFrame([{"from": f.start, "to": f.end, **figures}]), args.format)
     return 0
 
 
 def _cost(args: argparse.Namespace, settings: Settings) -> int:
-    from core.analytics import Analytics, list_prices
+    from core.analytics import Analytics, list_prices  # DuckDB: see the top
 
     f = _filters(args)
     _maybe_export(args, settings)
     with Analytics(settings.exports_dir) as a:
-        _print(a.cost(f, list_prices(_pool(settings)), by=args.by), args.format)
+        _print(a.cost(f, list_prices(db.get_pool(settings)), by=args.by), args.format)
     return 0
 
 
 def _anomalies(args: argparse.Namespace, settings: Settings) -> int:
-    from core.analytics import Analytics
+    from core.analytics import Analytics  # DuckDB: see the top
 
     f = _filters(args)
     _maybe_export(args, settings)
@@ -219,20 +236,20 @@ def _anomalies(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _prices(args: argparse.Namespace, settings: Settings) -> int:
-    import pandas as pd
+    import pandas as pd  # see the top
 
-    from core.analytics import Price, list_prices
+    from core.analytics import Price, list_prices  # DuckDB: see the top
 
-    prices = list_prices(_pool(settings))
+    prices = list_prices(db.get_pool(settings))
     columns = list(Price.__dataclass_fields__)
     _print(pd.DataFrame([p.__dict__ for p in prices], columns=columns), args.format)
     return 0
 
 
 def _price(args: argparse.Namespace, settings: Settings) -> int:
-    from core.analytics import delete_price, set_price
+    from core.analytics import delete_price, set_price  # DuckDB: see the top
 
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     if args.delete:
         delete_price(pool, args.model)
         print(f"price of {args.model} removed")

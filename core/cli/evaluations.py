@@ -9,30 +9,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from core.cli import CLIError
+import yaml
+
+from core import datasets, db, evaluations, evaluators, promptfoo
+from core.cli._common import fail, json_or_text
 from core.config import Settings
-
-
-class EvalCLIError(CLIError, ValueError):
-    """One line, exit code 1 (a ValueError too, so it is reported the same when core.cli runs as __main__)."""
-
-
-def fail(message: str) -> None:
-    """Stop the command with one clear line and exit code 1."""
-    raise EvalCLIError(message)
-
-
-def _pool(settings: Settings):
-    from core import db
-
-    return db.get_pool(settings)
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _pairs(values: Sequence[str] | None, what: str) -> dict[str, Any]:
@@ -48,9 +29,7 @@ def _pairs(values: Sequence[str] | None, what: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------- datasets
 
 def _datasets_list(args: argparse.Namespace, settings: Settings) -> None:
-    from core import datasets
-
-    rows = datasets.list_datasets(_pool(settings), search=args.search or "")
+    rows = datasets.list_datasets(db.get_pool(settings), search=args.search or "")
     if not rows:
         print("no datasets")
         return
@@ -61,9 +40,7 @@ def _datasets_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _datasets_create(args: argparse.Namespace, settings: Settings) -> None:
-    from core import datasets
-
-    d = datasets.create_dataset(_pool(settings), args.name, description=args.description or "",
+    d = datasets.create_dataset(db.get_pool(settings), args.name, description=args.description or "",
                                 default_template=args.default_template, created_by=args.user or "")
     print(f"created dataset {d.name}")
 
@@ -87,12 +64,10 @@ def _print_progress(label: str):
 
 
 def _datasets_import(args: argparse.Namespace, settings: Settings) -> int:
-    from core import datasets
-
     path = Path(args.file)
     mapping = {k: str(v) for k, v in _pairs(args.map, "--map").items()}
     report = datasets.import_path(
-        _pool(settings), args.name, path, fmt=args.format, mapping=mapping or None, encoding=args.encoding,
+        db.get_pool(settings), args.name, path, fmt=args.format, mapping=mapping or None, encoding=args.encoding,
         delimiter=args.delimiter or ("\t" if path.suffix.lower() == ".tsv" else ","), create=not args.no_create,
         strict=args.strict, created_by=args.user or "",
         progress=_print_progress("import") if path.is_file() and path.stat().st_size > 1_000_000 else None)
@@ -103,10 +78,8 @@ def _datasets_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _datasets_export(args: argparse.Namespace, settings: Settings) -> None:
-    from core import datasets
-
     fmt = args.format or (datasets.format_for(args.file) if args.file != "-" else "jsonl")
-    data = datasets.export_items(_pool(settings), args.name, fmt, tag=args.tag)
+    data = datasets.export_items(db.get_pool(settings), args.name, fmt, tag=args.tag)
     if args.file == "-":
         sys.stdout.write(data.decode("utf-8"))
         return
@@ -114,14 +87,12 @@ def _datasets_export(args: argparse.Namespace, settings: Settings) -> None:
         Path(args.file).write_bytes(data)
     except OSError as exc:
         fail(f"cannot write {args.file}: {exc.strerror or exc}")
-    print(f"exported {datasets.count_items(_pool(settings), args.name, tag=args.tag):,} item(s) of {args.name} "
+    print(f"exported {datasets.count_items(db.get_pool(settings), args.name, tag=args.tag):,} item(s) of {args.name} "
           f"to {args.file} ({fmt})")
 
 
 def _datasets_show(args: argparse.Namespace, settings: Settings) -> None:
-    from core import datasets
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     d = datasets.get_dataset(pool, args.name)
     print(f"{d.name}: {d.item_count:,} item(s)" + (f" — {d.description}" if d.description else ""))
     tags = datasets.dataset_tags(pool, args.name)
@@ -134,19 +105,13 @@ def _datasets_show(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _datasets_delete(args: argparse.Namespace, settings: Settings) -> None:
-    from core import datasets
-
-    datasets.delete_dataset(_pool(settings), args.name, with_runs=args.with_runs)
+    datasets.delete_dataset(db.get_pool(settings), args.name, with_runs=args.with_runs)
     print(f"deleted dataset {args.name}")
 
 
 # -------------------------------------------------------------------------------------------------------- eval runs
 
 def _evaluator_specs(args: argparse.Namespace) -> list[Any]:
-    import yaml
-
-    from core import evaluators
-
     specs: list[Any] = []
     if args.asserts:
         try:
@@ -176,8 +141,6 @@ def _evaluator_specs(args: argparse.Namespace) -> list[Any]:
 
 
 def _wait_and_report(pool, settings: Settings, run, args: argparse.Namespace) -> int:
-    from core import evaluations
-
     if getattr(args, "detach", False):
         print(f"run {run.id} queued ({run.total} item(s)); workers will run it — "
               f"`promptdev eval show {run.id}` follows it")
@@ -210,8 +173,6 @@ def _wait_and_report(pool, settings: Settings, run, args: argparse.Namespace) ->
 
 
 def _report(pool, run_id: int, final, min_pass_rate: float | None) -> int:
-    from core import evaluations
-
     summaries = evaluations.summarize_run(pool, run_id)
     print(evaluations.summary_table(summaries))
     table = evaluations.evaluator_table(summaries)
@@ -249,10 +210,8 @@ def _min_rate(value: str) -> float:
 
 
 def _eval_run(args: argparse.Namespace, settings: Settings) -> int:
-    from core import evaluations
-
-    pool = _pool(settings)
-    params = {k: _value(v) for k, v in _pairs(args.param, "--param").items()}
+    pool = db.get_pool(settings)
+    params = {k: json_or_text(v) for k, v in _pairs(args.param, "--param").items()}
     run = evaluations.create_run(pool, settings, dataset=args.dataset, templates=args.template,
                                  evaluators=_evaluator_specs(args), model=args.model, params=params, tag=args.tag,
                                  name=args.name or "", created_by=args.user or "", source="cli")
@@ -260,9 +219,7 @@ def _eval_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval_promptfoo(args: argparse.Namespace, settings: Settings) -> int:
-    from core import promptfoo
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     run, imported = promptfoo.start(pool, settings, args.config, created_by=args.user or "", name=args.name)
     for line in imported.report_lines():
         print(line)
@@ -271,9 +228,7 @@ def _eval_promptfoo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval_list(args: argparse.Namespace, settings: Settings) -> None:
-    from core import evaluations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     runs = evaluations.list_runs(pool, dataset=args.dataset, limit=args.limit)
     if not runs:
         print("no evaluation runs")
@@ -286,9 +241,7 @@ def _eval_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _eval_show(args: argparse.Namespace, settings: Settings) -> int:
-    from core import evaluations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     run = evaluations.get_run(pool, args.run_id)
     p = evaluations.progress(pool, run.id)
     print(f"run {run.id} {run.status}: {p.done}/{p.total} done · dataset {run.dataset_name} · model {run.model_name}"
@@ -297,9 +250,7 @@ def _eval_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval_compare(args: argparse.Namespace, settings: Settings) -> None:
-    from core import evaluations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     if len(args.arms) == 1 and ":" not in args.arms[0]:
         target: Any = int(args.arms[0])
     else:
@@ -329,27 +280,21 @@ def _eval_compare(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _eval_cancel(args: argparse.Namespace, settings: Settings) -> None:
-    from core import evaluations
-
-    if evaluations.cancel_run(_pool(settings), args.run_id):
+    if evaluations.cancel_run(db.get_pool(settings), args.run_id):
         print(f"run {args.run_id} cancelled")
     else:
         print(f"run {args.run_id} had already ended")
 
 
 def _eval_resume(args: argparse.Namespace, settings: Settings) -> int:
-    from core import evaluations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     n = evaluations.resume_run(pool, args.run_id)
     print(f"run {args.run_id}: {n} item(s) queued again")
     return _wait_and_report(pool, settings, evaluations.get_run(pool, args.run_id), args)
 
 
 def _eval_rerun(args: argparse.Namespace, settings: Settings) -> int:
-    from core import evaluations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     run = evaluations.rerun(pool, settings, args.run_id, resolve_labels=args.resolve_labels,
                             created_by=args.user or "")
     return _wait_and_report(pool, settings, run, args)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
-from typing import Any, Sequence
 
+from core import conversations, db, guardrails, llm
+from core.cli._common import fail, table
 from core.config import Settings
 
 
@@ -18,30 +20,13 @@ def _operator(args: argparse.Namespace) -> str:
     if name:
         return name
     try:
-        import getpass
-
         return getpass.getuser() or "cli"
     except Exception:  # no login name in this environment
         return "cli"
 
 
-def _pool(settings: Settings):
-    from core import db
-
-    return db.get_pool(settings)
-
-
 def _when(ts) -> str:
     return ts.astimezone().strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def _one_line(text: str, width: int = 100) -> str:
@@ -52,24 +37,21 @@ def _one_line(text: str, width: int = 100) -> str:
 # ---- conversations -----------------------------------------------------------------------------------------------
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    rows = conversations.list_conversations(_pool(settings), state=args.state, search=args.search or "",
+    rows = conversations.list_conversations(db.get_pool(settings), state=args.state, search=args.search or "",
                                             flagged_only=args.flagged, sort=args.sort, descending=not args.asc,
                                             limit=args.limit)
     if not rows:
         print("no conversations")
         return 0
-    _table(("USER", "STATE", "MESSAGES", "FLAGGED", "EVENTS", "LAST ACTIVITY", "TEMPLATE"),
-           [(r.user_id, r.state, r.message_count, r.flagged_count, r.event_count, _when(r.last_activity),
-             r.last_template or r.template_spec or f"{settings.default_template} (default)") for r in rows])
+    print(table(("USER", "STATE", "MESSAGES", "FLAGGED", "EVENTS", "LAST ACTIVITY", "TEMPLATE"),
+                [(r.user_id, r.state, r.message_count, r.flagged_count, r.event_count, _when(r.last_activity),
+                  r.last_template or r.template_spec or f"{settings.default_template} (default)") for r in rows],
+                rule=True))
     return 0
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     conv = conversations.get_conversation(pool, args.user)
     state = "HALTED" if conv.halted else "active"
     print(f"user {conv.user_id} · {state}"
@@ -103,11 +85,9 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _send(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations, llm
-
     params = {k: v for k, v in (("max_tokens", args.max_tokens), ("seed", args.seed),
                                 ("temperature", args.temperature)) if v is not None}
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     backend = llm.get_backend(settings)
     with conversations.stream_message(pool, backend, settings, args.user, args.text, params=params) as stream:
         for chunk in stream:
@@ -125,45 +105,34 @@ def _send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _halt(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    conversations.halt_conversation(_pool(settings), args.user, args.reason, _operator(args))
+    conversations.halt_conversation(db.get_pool(settings), args.user, args.reason, _operator(args))
     print(f"halted the conversation of {args.user}")
     return 0
 
 
 def _resume(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    conversations.resume_conversation(_pool(settings), args.user, _operator(args))
+    conversations.resume_conversation(db.get_pool(settings), args.user, _operator(args))
     print(f"resumed the conversation of {args.user}")
     return 0
 
 
 def _inject(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    message_id = conversations.inject_message(_pool(settings), args.user, args.text, _operator(args))
+    message_id = conversations.inject_message(db.get_pool(settings), args.user, args.text, _operator(args))
     print(f"injected message {message_id}; the AI sees it from its next turn")
     return 0
 
 
 def _assign(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-    from core.cli import fail
-
     if args.default == bool(args.template):
         fail("give a template name, or --default to return to the configured default")
-    conv = conversations.assign_template(_pool(settings), args.user, None if args.default else args.template,
+    conv = conversations.assign_template(db.get_pool(settings), args.user, None if args.default else args.template,
                                          label=args.label, version=args.version, operator=_operator(args))
     print(f"{args.user} now uses {conv.template_spec or settings.default_template + ' (default)'}")
     return 0
 
 
 def _memory_show(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    memory = conversations.get_memory(_pool(settings), args.user)
+    memory = conversations.get_memory(db.get_pool(settings), args.user)
     if not memory:
         print(f"no memory for {args.user}")
     for key, value in memory.items():
@@ -172,26 +141,20 @@ def _memory_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _memory_set(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
     value = args.value if args.string else conversations.parse_json_value(args.value)
-    conversations.set_memory(_pool(settings), args.user, args.key, value, operator=_operator(args))
+    conversations.set_memory(db.get_pool(settings), args.user, args.key, value, operator=_operator(args))
     print(f"{args.user}: {args.key} = {json.dumps(value, ensure_ascii=False)}")
     return 0
 
 
 def _memory_delete(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    conversations.delete_memory(_pool(settings), args.user, args.key, operator=_operator(args))
+    conversations.delete_memory(db.get_pool(settings), args.user, args.key, operator=_operator(args))
     print(f"{args.user}: deleted {args.key}")
     return 0
 
 
 def _flagged(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-
-    pool = _pool(settings)
+    pool = db.get_pool(settings)
     if args.review is not None:
         conversations.mark_reviewed(pool, args.review, _operator(args))
         print(f"message {args.review} marked reviewed")
@@ -200,20 +163,17 @@ def _flagged(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no flagged messages")
         return 0
-    _table(("ID", "USER", "#", "ROLE", "RULES", "WHEN", "REVIEWED", "MESSAGE"),
-           [(r.id, r.user_id, r.seq, r.role, ", ".join(r.rules), _when(r.created_at), r.reviewed_by or "",
-             _one_line(r.content, 60)) for r in rows])
+    print(table(("ID", "USER", "#", "ROLE", "RULES", "WHEN", "REVIEWED", "MESSAGE"),
+                [(r.id, r.user_id, r.seq, r.role, ", ".join(r.rules), _when(r.created_at), r.reviewed_by or "",
+                  _one_line(r.content, 60)) for r in rows], rule=True))
     return 0
 
 
 def _purge(args: argparse.Namespace, settings: Settings) -> int:
-    from core import conversations
-    from core.cli import fail
-
     days = args.older_than_days if args.older_than_days is not None else settings.retention_days
     if not days:
         fail("give --older-than-days N (or set PROMPTDEV_RETENTION_DAYS)")
-    counts = conversations.purge_conversations(_pool(settings), days, operator=_operator(args))
+    counts = conversations.purge_conversations(db.get_pool(settings), days, operator=_operator(args))
     print(f"deleted {counts['conversations']} conversation(s) idle for more than {days} day(s): "
           f"{counts['messages']} message(s), {counts['memory']} memory key(s)")
     return 0
@@ -222,23 +182,19 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
 # ---- guardrails --------------------------------------------------------------------------------------------------
 
 def _rules(args: argparse.Namespace, settings: Settings) -> int:
-    from core import guardrails
-
-    rules = guardrails.list_rules(_pool(settings))
+    rules = guardrails.list_rules(db.get_pool(settings))
     if not rules:
         print("no guardrail rules")
         return 0
-    _table(("NAME", "DETECTS", "SCOPE", "DIRECTION", "ACTION", "ENABLED"),
-           [(r.name, _one_line(r.describe(), 50), r.scope, r.direction, r.action, "yes" if r.enabled else "no")
-            for r in rules])
+    print(table(("NAME", "DETECTS", "SCOPE", "DIRECTION", "ACTION", "ENABLED"),
+                [(r.name, _one_line(r.describe(), 50), r.scope, r.direction, r.action, "yes" if r.enabled else "no")
+                 for r in rules], rule=True))
     return 0
 
 
 def _rule_add(args: argparse.Namespace, settings: Settings) -> int:
-    from core import guardrails
-
     rule = guardrails.create_rule(
-        _pool(settings), args.name, args.kind, words=args.words, pattern=args.pattern, max_length=args.max_length,
+        db.get_pool(settings), args.name, args.kind, words=args.words, pattern=args.pattern, max_length=args.max_length,
         template_name=args.template, direction=args.direction, action=args.action, replacement=args.replacement,
         created_by=_operator(args))
     print(f"added rule {rule.name!r}: {rule.describe()} · {rule.scope} · {rule.direction} · {rule.action}")
@@ -246,38 +202,31 @@ def _rule_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rule_delete(args: argparse.Namespace, settings: Settings) -> int:
-    from core import guardrails
-
-    guardrails.delete_rule(_pool(settings), args.name)
+    guardrails.delete_rule(db.get_pool(settings), args.name)
     print(f"deleted rule {args.name!r}")
     return 0
 
 
 def _rule_enable(args: argparse.Namespace, settings: Settings) -> int:
-    from core import guardrails
-
-    guardrails.set_enabled(_pool(settings), args.name, args.enable)
+    guardrails.set_enabled(db.get_pool(settings), args.name, args.enable)
     print(f"rule {args.name!r} {'enabled' if args.enable else 'disabled'}")
     return 0
 
 
 def _events(args: argparse.Namespace, settings: Settings) -> int:
-    from core import guardrails
-
-    events = guardrails.list_events(_pool(settings), user_id=args.user, rule_name=args.rule, limit=args.limit)
+    events = guardrails.list_events(db.get_pool(settings), user_id=args.user, rule_name=args.rule, limit=args.limit)
     if not events:
         print("no guardrail events")
         return 0
-    _table(("WHEN", "RULE", "DIRECTION", "ACTION", "MATCHES", "USER", "MESSAGE", "EXECUTION", "EXCERPT"),
-           [(_when(e.created_at), e.rule_name, e.direction, e.action, e.matches, e.user_id or "", e.message_id or "",
-             e.execution_id or "", _one_line(e.excerpt or "", 40)) for e in events])
+    print(table(("WHEN", "RULE", "DIRECTION", "ACTION", "MATCHES", "USER", "MESSAGE", "EXECUTION", "EXCERPT"),
+                [(_when(e.created_at), e.rule_name, e.direction, e.action, e.matches, e.user_id or "",
+                  e.message_id or "", e.execution_id or "", _one_line(e.excerpt or "", 40)) for e in events],
+                rule=True))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `conversations` and `guardrails` to the promptdev command."""
-    from core import conversations, guardrails
-
     op_help = "who acts (default: $PROMPTDEV_OPERATOR or your login name)"
     conv = subparsers.add_parser("conversations", help="watch and step into end-user conversations")
     sub = conv.add_subparsers(dest="conversations_command", required=True, metavar="ACTION")
