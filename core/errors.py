@@ -92,6 +92,14 @@ KINDS: tuple[type[PromptDevError], ...] = (
     NotFound, InvalidInput, Conflict, Forbidden, Unavailable, TooLarge, RateLimited, LimitExceeded)
 
 
+def kind_of(exc: BaseException | type[BaseException]) -> type[PromptDevError] | None:
+    """The kind of an error (or error class): the first of KINDS in its method resolution order; None for a foreign
+    exception. A domain class that names two kinds (`ConversationNotFound` is a `ConversationError`, an
+    `InvalidInput`, and a `NotFound`) is of the one it lists first, whose `status` it carries."""
+    cls = exc if isinstance(exc, type) else type(exc)
+    return next((k for k in cls.__mro__ if k in KINDS), None)
+
+
 def is_expected(exc: BaseException) -> bool:
     """True for an error a user caused or can fix (bad input, unreachable database, missing model, …)."""
     return isinstance(exc, (PromptDevError, psycopg.OperationalError))
