@@ -9,11 +9,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from core.errors import InvalidInput
+
 ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(InvalidInput):
     """Messages cannot be formatted for this model; the message says why."""
 
 

