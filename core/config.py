@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+
+import psycopg
+
+from core.errors import InvalidInput
+from core.model_files import DEFAULT_MODEL_FILENAME
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "PROMPTDEV_"
@@ -14,33 +19,47 @@ CHAT_FORMATS = ("auto", "gguf", "gemma", "mistral-instruct", "chatml", "raw")
 BACKENDS = ("llama_cpp", "openai")
 
 
-class SettingsError(ValueError):
+class SettingsError(InvalidInput):
     """A configuration value is missing or invalid; the message names the key."""
+
+
+# Sequences decoded together: from 8 tokens on, llama.cpp multiplies K-quant weights with other kernels, which would
+# make a sequence's output depend on its batch (see core.llm.generate_many).
+MAX_EVAL_BATCH = 6
+
+
+def _setting(default: Any, help: str, *, repr: bool = True, **limits: Any) -> Any:
+    """A settings field: its default and metadata: what it means (`help`) and what the validation accepts (`min`,
+    `max`, `positive`, `choices`)."""
+    return field(default=default, repr=repr, metadata={"help": help, **limits})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the workbench can be configured with."""
+    """Everything the workbench can be configured with: each field is PROMPTDEV_<NAME> (or `name` in the TOML file);
+    its metadata holds its help text and limits."""
 
-    data_dir: Path = PROJECT_ROOT / "data"
-    database_url: str | None = None
-    model_path: Path | None = None
-    n_ctx: int = 4096
-    n_threads: int = 0  # 0: let llama.cpp choose (physical cores)
-    n_batch: int = 64
-    eval_batch: int = 4  # evaluation items the in-process model decodes together (1: one at a time)
-    chat_format: str = "auto"
-    backend: str = "llama_cpp"
-    openai_base_url: str | None = None
-    openai_api_key: str | None = field(default=None, repr=False)
-    openai_model: str | None = None
-    openai_timeout: float = 120.0
-    openai_max_retries: int = 4
-    default_template: str = "companion"
-    retention_days: int = 0
-    metrics_port: int = 0
-    pool_min_size: int = 1
-    pool_max_size: int = 10
+    data_dir: Path = _setting(PROJECT_ROOT / "data", "everything the workbench writes")
+    database_url: str | None = _setting(None, "any PostgreSQL 13+; unset: the embedded PostgreSQL in data/postgres")
+    model_path: Path | None = _setting(None, "the GGUF the in-process backend loads; unset: the default model")
+    n_ctx: int = _setting(4096, "context window in tokens", min=128)
+    n_threads: int = _setting(0, "CPU threads for the in-process model; 0: every CPU this process may use", min=0)
+    n_batch: int = _setting(64, "prompt batch size (fixed so that cached prefixes never change an output)", min=8)
+    eval_batch: int = _setting(4, "evaluation items the in-process model decodes together (1: one at a time)",
+                               min=1, max=MAX_EVAL_BATCH)
+    chat_format: str = _setting("auto", "how chat messages become a prompt", choices=CHAT_FORMATS)
+    backend: str = _setting("llama_cpp", "llama_cpp (in-process) or openai (an OpenAI-compatible server)",
+                            choices=BACKENDS)
+    openai_base_url: str | None = _setting(None, "the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    openai_api_key: str | None = _setting(None, "the server's API key (never logged or stored)", repr=False)
+    openai_model: str | None = _setting(None, "the model name on the OpenAI-compatible server")
+    openai_timeout: float = _setting(120.0, "per-request timeout in seconds", positive=True)
+    openai_max_retries: int = _setting(4, "retries on connection errors, 429 and 5xx", min=0)
+    default_template: str = _setting("companion", "the template conversations use unless an operator assigns another")
+    retention_days: int = _setting(0, "conversations idle longer than this are deleted; 0: keep", min=0)
+    metrics_port: int = _setting(0, "Prometheus endpoint port; 0: off", min=0, max=65535)
+    pool_min_size: int = _setting(1, "connections the pool keeps open", min=0)
+    pool_max_size: int = _setting(10, "connections the pool may open", min=1)
 
     @property
     def postgres_dir(self) -> Path:
@@ -63,44 +82,52 @@ class Settings:
         return not self.database_url
 
 
-# Sequences decoded together: from 8 tokens on, llama.cpp multiplies K-quant weights with other kernels, which would
-# make a sequence's output depend on its batch (see core.llm.generate_many).
-MAX_EVAL_BATCH = 6
+SETTINGS_FIELDS: dict[str, Field] = {f.name: f for f in fields(Settings)}
 
-_INT_KEYS = {"n_ctx": 128, "n_threads": 0, "n_batch": 8, "eval_batch": 1, "openai_max_retries": 0,
-             "retention_days": 0, "metrics_port": 0, "pool_min_size": 0, "pool_max_size": 1}
+
+def env_name(key: str) -> str:
+    """The environment variable of a settings key: PROMPTDEV_ + its upper-case name."""
+    return ENV_PREFIX + key.upper()
 
 
 def _convert(key: str, raw: Any) -> Any:
-    env = ENV_PREFIX + key.upper()
-    if key in _INT_KEYS:
+    env = env_name(key)
+    kind = SETTINGS_FIELDS[key].type
+    if kind == "int":
         try:
             value = int(raw)
         except (TypeError, ValueError):
             raise SettingsError(f"{env}: expected a whole number, got {raw!r}") from None
-        if value < _INT_KEYS[key]:
-            raise SettingsError(f"{env}: must be at least {_INT_KEYS[key]}, got {value}")
-        if key == "metrics_port" and value > 65535:
-            raise SettingsError(f"{env}: not a TCP port: {value}")
+        _check_limits(key, value)
         return value
-    if key == "openai_timeout":
+    if kind == "float":
         try:
             value = float(raw)
         except (TypeError, ValueError):
             raise SettingsError(f"{env}: expected a number of seconds, got {raw!r}") from None
-        if value <= 0:
-            raise SettingsError(f"{env}: must be positive, got {value}")
+        _check_limits(key, value)
         return value
-    if key in ("data_dir", "model_path"):
+    if kind.startswith("Path"):
         return Path(str(raw)).expanduser() if str(raw).strip() else None
     value = str(raw).strip()
     return value or None
 
 
+def _check_limits(key: str, value: float) -> None:
+    """The `min`, `max` and `positive` limits in the field's metadata."""
+    env, meta = env_name(key), SETTINGS_FIELDS[key].metadata
+    if "min" in meta and value < meta["min"]:
+        raise SettingsError(f"{env}: must be at least {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise SettingsError(f"{env}: must be at most {meta['max']}, got {value}")
+    if meta.get("positive") and value <= 0:
+        raise SettingsError(f"{env}: must be positive, got {value}")
+
+
 def load_settings(env: Mapping[str, str] | None = None, toml_path: str | Path | None = None) -> Settings:
     """Read settings from a TOML file (PROMPTDEV_CONFIG or promptdev.toml) overlaid by environment variables."""
     env = os.environ if env is None else env
-    names = {f.name for f in fields(Settings)}
+    names = set(SETTINGS_FIELDS)
     values: dict[str, Any] = {}
     toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG")
     if toml_path is None and (PROJECT_ROOT / "promptdev.toml").exists():
@@ -118,7 +145,7 @@ def load_settings(env: Mapping[str, str] | None = None, toml_path: str | Path | 
                 raise SettingsError(f"{path}: unknown setting {key!r}")
             values[key] = _convert(key, raw)
     for key in names:
-        raw = env.get(ENV_PREFIX + key.upper())
+        raw = env.get(env_name(key))
         if raw is not None:
             values[key] = _convert(key, raw)
     settings = replace(Settings(), **{k: v for k, v in values.items() if v is not None or k != "data_dir"})
@@ -126,17 +153,18 @@ def load_settings(env: Mapping[str, str] | None = None, toml_path: str | Path | 
 
 
 def validate(settings: Settings) -> Settings:
-    """Check cross-field rules; raise SettingsError naming the key."""
-    if settings.chat_format not in CHAT_FORMATS:
-        raise SettingsError(
-            f"PROMPTDEV_CHAT_FORMAT: unknown chat format {settings.chat_format!r}; choose one of {', '.join(CHAT_FORMATS)}")
-    if settings.backend not in BACKENDS:
-        raise SettingsError(f"PROMPTDEV_BACKEND: unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+    """Check the choices (field metadata) and cross-field rules; raise SettingsError naming the key."""
+    for key, f in SETTINGS_FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(settings, key) not in choices:
+            raise SettingsError(f"{env_name(key)}: unknown {key.replace('_', ' ')} {getattr(settings, key)!r}; "
+                                f"choose one of {', '.join(choices)}")
     if settings.backend == "openai":
         if not settings.openai_base_url:
             raise SettingsError("PROMPTDEV_OPENAI_BASE_URL: required when PROMPTDEV_BACKEND=openai")
         if not settings.openai_base_url.startswith(("http://", "https://")):
-            raise SettingsError(f"PROMPTDEV_OPENAI_BASE_URL: must start with http:// or https://, got {settings.openai_base_url!r}")
+            raise SettingsError(f"PROMPTDEV_OPENAI_BASE_URL: must start with http:// or https://, "
+                                f"got {settings.openai_base_url!r}")
         if not settings.openai_model:
             raise SettingsError("PROMPTDEV_OPENAI_MODEL: required when PROMPTDEV_BACKEND=openai")
     if settings.database_url:
@@ -145,14 +173,10 @@ def validate(settings: Settings) -> Settings:
         raise SettingsError("PROMPTDEV_POOL_MIN_SIZE: must not exceed PROMPTDEV_POOL_MAX_SIZE")
     if settings.n_batch > settings.n_ctx:
         raise SettingsError("PROMPTDEV_N_BATCH: must not exceed PROMPTDEV_N_CTX")
-    if settings.eval_batch > MAX_EVAL_BATCH:
-        raise SettingsError(f"PROMPTDEV_EVAL_BATCH: at most {MAX_EVAL_BATCH}, got {settings.eval_batch}")
     return settings
 
 
 def _check_database_url(url: str) -> None:
-    import psycopg
-
     if "://" in url and not url.startswith(("postgresql://", "postgres://")):
         raise SettingsError("PROMPTDEV_DATABASE_URL: must be a postgresql:// URL or a libpq connection string")
     try:
@@ -164,6 +188,4 @@ def _check_database_url(url: str) -> None:
 
 def default_model_path(settings: Settings) -> Path:
     """The GGUF the in-process backend loads: PROMPTDEV_MODEL_PATH or the assembled default model."""
-    from core.model_files import DEFAULT_MODEL_FILENAME
-
     return settings.model_path or settings.models_dir / DEFAULT_MODEL_FILENAME

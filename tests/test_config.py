@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from core.config import SettingsError, load_settings
+from core.config import Settings, SettingsError, env_name, load_settings
 
 
 def test_defaults_use_embedded_database_and_data_dir():
@@ -62,8 +64,40 @@ def test_api_key_is_not_in_repr():
 
 
 def test_cli_reports_bad_setting_in_one_line(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
     out = subprocess.run([sys.executable, "-m", "core.cli", "status"], capture_output=True, text=True,
                          env={"PROMPTDEV_N_CTX": "abc", "PATH": "/usr/bin"}, cwd=Path(__file__).parent.parent)
     assert out.returncode == 2
     assert out.stderr.strip() == "promptdev: configuration error: PROMPTDEV_N_CTX: expected a whole number, got 'abc'"
+
+
+def test_readme_configuration_table_lists_every_setting():
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    listed = set(re.findall(r"`(PROMPTDEV_[A-Z0-9_]+)`", table))
+    missing = sorted(env_name(f.name) for f in fields(Settings) if env_name(f.name) not in listed)
+    assert missing == []
+
+
+def test_every_setting_has_help_text():
+    assert all(f.metadata.get("help") for f in fields(Settings))
+
+
+LIMITED = [(f.name, f.metadata) for f in fields(Settings) if {"min", "max", "positive"} & set(f.metadata)]
+
+
+@pytest.mark.parametrize("key, meta", LIMITED, ids=[key for key, _ in LIMITED])
+def test_limits_in_field_metadata_are_enforced(key, meta):
+    env = env_name(key)
+    edges = [meta[k] for k in ("min", "max") if k in meta]
+    for value in edges:  # the limits themselves are accepted
+        assert getattr(load_settings(env={env: str(value)}), key) == value
+    beyond = [meta["min"] - 1] if "min" in meta else []
+    beyond += [meta["max"] + 1] if "max" in meta else []
+    beyond += [0] if meta.get("positive") else []
+    for value in beyond:
+        with pytest.raises(SettingsError) as info:
+            load_settings(env={env: str(value)})
+        assert str(info.value).startswith(env)
