@@ -23,6 +23,7 @@ from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from core import exports
+from core.errors import Forbidden, InvalidInput, NotFound, RateLimited, TooLarge, Unavailable
 
 BUCKETS = {"hour": "date_trunc('hour', created_at)", "day": "CAST(day AS TIMESTAMP)",
            "week": "CAST(date_trunc('week', day) AS TIMESTAMP)"}
@@ -58,12 +59,28 @@ _REFUSED_KINDS = {
 MAX_RESULT_BYTES = 64 << 20  # a result bigger than this in memory is refused rather than sent to the browser
 
 
-class AnalyticsError(ValueError):
+class AnalyticsError(InvalidInput):
     """A query or setting that cannot be used; the message says why in one line."""
 
 
-class QueryRefused(AnalyticsError):
-    """The SQL box refused a query (not a read of the exports, or over its time limit)."""
+class QueryRefused(Forbidden, AnalyticsError):
+    """The SQL box refused a query (not a read of the exports, or over one of its limits)."""
+
+
+class QueryLimitExceeded(TooLarge, QueryRefused):
+    """The query ran past the time limit, or its result is too large to hold or show."""
+
+
+class QueryBusy(RateLimited, QueryRefused):
+    """Too many earlier queries past their time limit are still being cancelled; try again in a moment."""
+
+
+class ExportsUnreadable(Unavailable, AnalyticsError):
+    """The Parquet exports cannot be read (`promptdev export --full` rebuilds them)."""
+
+
+class PriceNotFound(NotFound):
+    """The model has no price set (a LookupError)."""
 
 
 @dataclass(frozen=True)
@@ -156,10 +173,10 @@ def set_price(pool: ConnectionPool, model_name: str, *, prompt_per_1k: float = 0
 
 
 def delete_price(pool: ConnectionPool, model_name: str) -> None:
-    """Remove a model's price; LookupError when it has none."""
+    """Remove a model's price; PriceNotFound (a LookupError) when it has none."""
     with pool.connection() as conn:
         if conn.execute("DELETE FROM model_prices WHERE model_name = %s", (model_name,)).rowcount == 0:
-            raise LookupError(f"no price set for model {model_name!r}")
+            raise PriceNotFound(f"no price set for model {model_name!r}")
 
 
 def replace_prices(pool: ConnectionPool, rows: Iterable[Mapping[str, Any]], *, updated_by: str = "") -> list[Price]:
@@ -173,7 +190,8 @@ def replace_prices(pool: ConnectionPool, rows: Iterable[Mapping[str, Any]], *, u
         conn.execute("DELETE FROM model_prices WHERE NOT (model_name = ANY(%s))", (names,))
         for name, p, c, s in checked:
             conn.execute(
-                """INSERT INTO model_prices (model_name, prompt_per_1k, completion_per_1k, per_compute_second, updated_by)
+                """INSERT INTO model_prices (model_name, prompt_per_1k, completion_per_1k, per_compute_second,
+                                            updated_by)
                    VALUES (%s, %s, %s, %s, %s)
                    ON CONFLICT (model_name) DO UPDATE SET prompt_per_1k = EXCLUDED.prompt_per_1k,
                        completion_per_1k = EXCLUDED.completion_per_1k, per_compute_second = EXCLUDED.per_compute_second,
@@ -217,8 +235,8 @@ def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB") -
         con.execute("SET lock_configuration = true")
     except duckdb.Error as exc:
         con.close()
-        raise AnalyticsError(f"cannot read the exports in {root}: {_first_line(exc)} "
-                             "(`promptdev export --full` rebuilds them)") from None
+        raise ExportsUnreadable(f"cannot read the exports in {root}: {_first_line(exc)} "
+                                "(`promptdev export --full` rebuilds them)") from None
     except BaseException:
         con.close()
         raise
@@ -253,8 +271,8 @@ def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
         raise AnalyticsError("the row limit must be at least 1")
     lingering = _Worker.lingering()
     if lingering >= MAX_LINGERING:
-        raise QueryRefused(f"refused: {lingering} earlier queries past their time limit are still being cancelled; "
-                           "try again in a moment")
+        raise QueryBusy(f"refused: {lingering} earlier queries past their time limit are still being cancelled; "
+                        "try again in a moment", retry_after=INTERRUPT_GRACE_S)
     con = sandbox(exports_dir)
     worker: _Worker | None = None
     try:
@@ -277,13 +295,13 @@ def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
         if not worker.done.wait(time_limit_s):
             con.interrupt()
             if not worker.done.wait(INTERRUPT_GRACE_S):
-                raise QueryRefused(stopped + " (it is being cancelled)")
+                raise QueryLimitExceeded(stopped + " (it is being cancelled)")
         try:
             if worker.error is not None:
                 raise worker.error
             frame = worker.frame
         except duckdb.InterruptException:
-            raise QueryRefused(stopped) from None
+            raise QueryLimitExceeded(stopped) from None
         except duckdb.PermissionException as exc:
             raise QueryRefused(f"refused: only the exports can be read ({_first_line(exc)})") from None
         except duckdb.CatalogException as exc:
@@ -294,14 +312,15 @@ def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
         except duckdb.Error as exc:
             raise AnalyticsError(_first_line(exc)) from None
         except MemoryError:
-            raise QueryRefused("refused: the result does not fit in memory; select fewer columns or rows") from None
+            raise QueryLimitExceeded("refused: the result does not fit in memory; select fewer columns or "
+                                     "rows") from None
         except Exception as exc:  # e.g. a value pandas cannot hold
             raise AnalyticsError(f"the result cannot be shown: {_first_line(exc)}") from None
         seconds = time.perf_counter() - started
         size = int(frame.memory_usage(deep=True).sum())
         if size > MAX_RESULT_BYTES:
-            raise QueryRefused(f"refused: the result is too large to show ({size / 2**20:,.0f} MB, at most "
-                               f"{MAX_RESULT_BYTES >> 20} MB); select fewer columns or rows, or aggregate")
+            raise QueryLimitExceeded(f"refused: the result is too large to show ({size / 2**20:,.0f} MB, at most "
+                                     f"{MAX_RESULT_BYTES >> 20} MB); select fewer columns or rows, or aggregate")
     finally:
         if worker is None or worker.done.is_set():
             con.close()
@@ -634,7 +653,8 @@ class Analytics:
         where, params = self._where("eval_results", f)
         return self._df(
             f"""SELECT {b} AS bucket, template_name, template_version, count(*) AS results,
-                       count(*) FILTER (WHERE passed) AS passed, avg(CASE WHEN passed THEN 1.0 ELSE 0.0 END) AS pass_rate,
+                       count(*) FILTER (WHERE passed) AS passed,
+                       avg(CASE WHEN passed THEN 1.0 ELSE 0.0 END) AS pass_rate,
                        avg(score) AS mean_score
                 FROM eval_results{where} GROUP BY ALL ORDER BY 1, 2, 3""", params)
 

@@ -20,8 +20,9 @@ While output rules that block, redact or halt apply to a conversation, a streame
 is sent (it arrives as one chunk); otherwise it streams token by token. The ledger keeps the model's output as
 produced — except that what an output `redact` rule matches is replaced there too, so it is never stored anywhere.
 
-Errors are typed: `ConversationError` (a ValueError: bad input, with the reason in one line), `ConversationNotFound`
-(also a LookupError) and `ConversationStateError` (halting a halted conversation, …). `connect()` gives the same API
+Errors are typed: `ConversationError` (an InvalidInput, so a ValueError: bad input, with the reason in one line),
+`ConversationNotFound` (also a NotFound, so a LookupError) and `ConversationStateError` (a Conflict: halting a halted
+conversation, …). `connect()` gives the same API
 bound to one workbench, with the issue's signatures: `api.send_message(user_id, text)`, `api.halt_conversation(…)`.
 """
 
@@ -39,12 +40,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg.rows import class_row, dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from core import executions, guardrails, status, worker
+from core import db, executions, guardrails, llm, metrics, status, templates, worker
 from core.chat_formats import ChatFormatError
-from core.config import Settings
+from core.config import Settings, load_settings
+from core.db import LockKey, jsonb
+from core.errors import Conflict, InvalidInput, NotFound
 from core.executions import Origin
 from core.llm import Backend, GenerationError, GenerationParams
 
@@ -66,7 +68,6 @@ SORTS = {"last_activity": "c.last_activity", "user": "c.user_id", "messages": "m
          "flagged": "flagged_count", "events": "event_count", "state": "c.state", "created": "c.created_at"}
 GUARDRAIL_OPERATOR = "guardrail"
 RETENTION_INTERVAL_S = 3600
-_RETENTION_LOCK_KEY = 7_346_221_105
 
 DEFAULT_TEMPLATE_MESSAGES = [
     {"role": "system", "content": (
@@ -80,15 +81,15 @@ DEFAULT_TEMPLATE_PARAMS = {"max_tokens": 200, "temperature": 0.7}
 
 # ---- errors ------------------------------------------------------------------------------------------------------
 
-class ConversationError(ValueError):
+class ConversationError(InvalidInput):
     """A conversation request cannot be carried out as given; the message says why in one line."""
 
 
-class ConversationNotFound(ConversationError, LookupError):
+class ConversationNotFound(NotFound, ConversationError):
     """The user has no conversation (or the message, memory key … asked for does not exist)."""
 
 
-class ConversationStateError(ConversationError):
+class ConversationStateError(Conflict, ConversationError):
     """The conversation is not in a state that allows the action (halting a halted one, resuming an active one)."""
 
 
@@ -293,11 +294,7 @@ def _json_value(value: Any) -> Any:
 
 def _observe(hits: Sequence[guardrails.Hit] = (), *, template: str | None = None, model: str | None = None,
              halted_by: str | None = None) -> None:
-    """Count guardrail hits and halts in the Prometheus telemetry (when core.metrics is present); never raises."""
-    try:
-        from core import metrics
-    except ImportError:
-        return
+    """Count guardrail hits and halts in the Prometheus telemetry; never raises."""
     for hit in hits:
         metrics.observe_guardrail_hit(template=template, model=model, rule=hit.rule_name, action=hit.action)
     if halted_by:
@@ -336,8 +333,11 @@ def _append(conn: psycopg.Connection, conversation_id: int, *, role: str, kind: 
     message_id = conn.execute(
         """INSERT INTO conversation_messages (conversation_id, seq, role, kind, content, in_context, reply_to,
                                               execution_id, status, operator, flagged)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-        (conversation_id, seq, role, kind, content, in_context, reply_to, execution_id, status, operator, flagged),
+           VALUES (%(conversation_id)s, %(seq)s, %(role)s, %(kind)s, %(content)s, %(in_context)s, %(reply_to)s,
+                   %(execution_id)s, %(status)s, %(operator)s, %(flagged)s) RETURNING id""",
+        {"conversation_id": conversation_id, "seq": seq, "role": role, "kind": kind, "content": content,
+         "in_context": in_context, "reply_to": reply_to, "execution_id": execution_id, "status": status,
+         "operator": operator, "flagged": flagged},
     ).fetchone()[0]
     return message_id, seq
 
@@ -347,7 +347,7 @@ def _audit(conn: psycopg.Connection, conversation_id: int, action: str, operator
     return conn.execute(
         """INSERT INTO conversation_interventions (conversation_id, action, operator, reason, detail, message_id)
            VALUES (%s, %s, %s, %s, %s, %s) RETURNING id""",
-        (conversation_id, action, operator, reason or "", Jsonb(_json_value(dict(detail or {}))), message_id),
+        (conversation_id, action, operator, reason or "", jsonb(_json_value(dict(detail or {}))), message_id),
     ).fetchone()[0]
 
 
@@ -422,8 +422,6 @@ def assign_template(pool: ConnectionPool, user_id: str, template_name: str | Non
                     version: int | None = None, *, operator: str = "api") -> Conversation:
     """Put a user's conversation on a template (name alone: its production label, else latest; or a label or a
     version); None returns it to the configured default. The template must exist."""
-    from core import templates
-
     user_id, operator = check_user_id(user_id), _check_operator(operator)
     template_name = (template_name or "").strip() or None
     label = (label or "").strip() or None
@@ -483,7 +481,7 @@ def set_memory(pool: ConnectionPool, user_id: str, key: str, value: Any, *, oper
             """INSERT INTO conversation_memory (conversation_id, key, value, updated_by) VALUES (%s, %s, %s, %s)
                ON CONFLICT (conversation_id, key) DO UPDATE
                SET value = EXCLUDED.value, updated_by = EXCLUDED.updated_by, updated_at = clock_timestamp()""",
-            (conv.id, key, Jsonb(value), operator or ""))
+            (conv.id, key, jsonb(value), operator or ""))
         if operator:
             _audit(conn, conv.id, "set_memory", _check_operator(operator),
                    detail={"key": key, "from": old[0] if old else None, "to": value})
@@ -517,8 +515,6 @@ def format_memory(memory: Mapping[str, Any]) -> str:
 def ensure_default_template(pool: ConnectionPool, name: str) -> Any:
     """The template `name`, created as the default companion template (version 1 labelled `production`, which is
     what conversations use) when it does not exist yet."""
-    from core import templates
-
     try:
         return templates.get_template_by_name(pool, name)
     except templates.TemplateNotFound:
@@ -540,8 +536,6 @@ def ensure_default_template(pool: ConnectionPool, name: str) -> Any:
 def _render(pool: ConnectionPool, name: str, label: str | None, version: int | None,
             variables: Mapping[str, Any]) -> Any:
     """Render by name; variables the template needs but nobody set (a memory key not yet known) render empty."""
-    from core import templates
-
     try:
         return templates.render_template_by_name(pool, name, variables, label=label, version=version)
     except templates.MissingVariables as exc:
@@ -800,8 +794,6 @@ class MessageStream:
                 "AND in_context ORDER BY seq DESC LIMIT %s", (conv.id, self.user_seq, HISTORY_LIMIT)).fetchall()[::-1]
         if conv.template_name is None:
             ensure_default_template(self.pool, self.template_name)
-        from core import templates
-
         tv = templates.get_template_by_name(self.pool, self.template_name, label=conv.template_label,
                                             version=conv.template_version)
         params = GenerationParams.from_dict({**(tv.params or {}), **self.overrides})
@@ -984,8 +976,6 @@ class Conversations:
         """The model backend (loaded once per process for these settings)."""
         with self._backend_lock:
             if self._backend is None:
-                from core import llm
-
                 self._backend = llm.get_backend(self.settings)
             return self._backend
 
@@ -1026,12 +1016,8 @@ def connect(settings: Settings | None = None, *, pool: ConnectionPool | None = N
             backend: Backend | None = None) -> Conversations:
     """The conversation API for the configured workbench (settings from the environment unless given)."""
     if settings is None:
-        from core.config import load_settings
-
         settings = load_settings()
     if pool is None:
-        from core import db
-
         pool = db.get_pool(settings)
     return Conversations(pool, settings, backend)
 
@@ -1217,7 +1203,7 @@ def scheduled_purge(pool: ConnectionPool, settings: Settings, *, now: float | No
     if settings.retention_days <= 0:
         return None
     with pool.connection() as conn, conn.transaction():
-        if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_RETENTION_LOCK_KEY,)).fetchone()[0]:
+        if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (int(LockKey.RETENTION),)).fetchone()[0]:
             return None
         recent = conn.execute(
             "SELECT 1 FROM conversation_purges WHERE trigger = 'schedule' "

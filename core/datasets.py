@@ -23,10 +23,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg.rows import class_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from core import evaluators
+from core import evaluators, executions
+from core.db import jsonb
+from core.errors import Conflict, InvalidInput, NotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 FORMATS = ("csv", "jsonl")
@@ -34,6 +35,22 @@ ROLES = ("var", "json", "expected", "tags", "metadata", "meta", "assert", "ignor
 MAX_TAG_LEN = 100
 _UNSET: Any = object()
 Progress = Callable[[float, str], None]
+
+
+class DatasetError(InvalidInput):
+    """A dataset, item or file cannot be accepted as given (a ValueError); the message says why in one line."""
+
+
+class DatasetNotFound(NotFound):
+    """No such dataset, item or item revision (a LookupError)."""
+
+
+class DatasetExists(Conflict, DatasetError):
+    """A dataset of that name exists already."""
+
+
+class DatasetInUse(Conflict, DatasetError):
+    """The dataset cannot be deleted: evaluation runs refer to it."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +167,10 @@ class EditSummary:
 # ---------------------------------------------------------------------------------------------------- validation
 
 def check_name(name: str) -> str:
-    """The dataset name, or ValueError saying what a name may hold."""
+    """The dataset name, or DatasetError saying what a name may hold."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(f"dataset name must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit, "
-                         f"got {name!r}")
+        raise DatasetError(f"dataset name must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or "
+                           f"digit, got {name!r}")
     return name
 
 
@@ -167,7 +184,7 @@ def _json_ok(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value, allow_nan=False, ensure_ascii=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not JSON: {exc}") from None
+        raise DatasetError(f"{what} is not JSON: {exc}") from None
 
 
 def clean_tags(tags: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -181,14 +198,14 @@ def clean_tags(tags: Iterable[str] | str | None) -> tuple[str, ...]:
     out: list[str] = []
     for tag in tags:
         if not isinstance(tag, str):
-            raise ValueError(f"a tag must be text, got {tag!r}")
+            raise DatasetError(f"a tag must be text, got {tag!r}")
         tag = tag.strip()
         if not tag:
             continue
         if len(tag) > MAX_TAG_LEN:
-            raise ValueError(f"tag longer than {MAX_TAG_LEN} characters: {tag[:20]!r}…")
+            raise DatasetError(f"tag longer than {MAX_TAG_LEN} characters: {tag[:20]!r}…")
         if "," in tag or ";" in tag:
-            raise ValueError(f"a tag may not contain ',' or ';': {tag!r}")
+            raise DatasetError(f"a tag may not contain ',' or ';': {tag!r}")
         if tag not in out:
             out.append(tag)
     return tuple(out)
@@ -201,25 +218,25 @@ def make_item(input: Mapping[str, Any] | None = None, expected: Any = None, tags
     if input is None:
         input = {}
     if type(input) is not dict and not isinstance(input, Mapping):
-        raise ValueError(f"input must be a JSON object of variables, got {type(input).__name__}")
+        raise DatasetError(f"input must be a JSON object of variables, got {type(input).__name__}")
     for key in input:
         if not isinstance(key, str) or not key:
-            raise ValueError(f"variable names must be non-empty text, got {key!r}")
+            raise DatasetError(f"variable names must be non-empty text, got {key!r}")
     data = _json_ok(dict(input), "input")
     if expected is not None and not isinstance(expected, str):
         expected = json.dumps(_json_ok(expected, "expected output"), ensure_ascii=False)
     if isinstance(expected, str) and "\x00" in expected:
-        raise ValueError("expected output contains a NUL character")
+        raise DatasetError("expected output contains a NUL character")
     meta = {} if metadata is None else metadata
     if type(meta) is not dict and not isinstance(meta, Mapping):
-        raise ValueError(f"metadata must be a JSON object, got {type(meta).__name__}")
+        raise DatasetError(f"metadata must be a JSON object, got {type(meta).__name__}")
     meta = _json_ok(dict(meta), "metadata")
     if "assert" in meta:
         asserts = meta["assert"]
         if isinstance(asserts, (str, Mapping)):
             asserts = [asserts]
         if not isinstance(asserts, list):
-            raise ValueError("metadata.assert must be a list of evaluators")
+            raise DatasetError("metadata.assert must be a list of evaluators")
         meta["assert"] = [e.to_dict() for e in evaluators.parse_all(asserts, allow_unsupported=True)]
         if not meta["assert"]:
             del meta["assert"]
@@ -230,10 +247,10 @@ def _as_item(value: ItemInput | Mapping[str, Any]) -> ItemInput:
     if isinstance(value, ItemInput):
         return make_item(value.input, value.expected, value.tags, value.metadata)
     if not isinstance(value, Mapping):
-        raise ValueError(f"an item must be a mapping with input/expected/tags/metadata, got {type(value).__name__}")
+        raise DatasetError(f"an item must be a mapping with input/expected/tags/metadata, got {type(value).__name__}")
     unknown = set(value) - {"input", "vars", "expected", "tags", "metadata"}
     if unknown:
-        raise ValueError(f"unknown item field(s): {', '.join(sorted(unknown))}")
+        raise DatasetError(f"unknown item field(s): {', '.join(sorted(unknown))}")
     return make_item(value.get("input", value.get("vars")), value.get("expected"), value.get("tags"),
                      value.get("metadata"))
 
@@ -247,19 +264,20 @@ _DATASET_COLUMNS = ("d.id, d.name, d.description, d.default_template, d.created_
 
 def create_dataset(pool: ConnectionPool, name: str, *, description: str = "", default_template: str | None = None,
                    created_by: str = "") -> Dataset:
-    """Create an empty dataset; ValueError when the name is taken or invalid."""
+    """Create an empty dataset; DatasetExists when the name is taken, DatasetError when it is invalid."""
     check_name(name)
     with pool.connection() as conn:
         try:
-            conn.execute("INSERT INTO datasets (name, description, default_template, created_by) VALUES (%s, %s, %s, %s)",
+            conn.execute("INSERT INTO datasets (name, description, default_template, created_by) "
+                         "VALUES (%s, %s, %s, %s)",
                          (name, description or "", (default_template or "").strip() or None, created_by or ""))
         except psycopg.errors.UniqueViolation:
-            raise ValueError(f"a dataset named {name!r} already exists") from None
+            raise DatasetExists(f"a dataset named {name!r} already exists") from None
     return get_dataset(pool, name)
 
 
 def get_dataset(pool: ConnectionPool | psycopg.Connection, name: str) -> Dataset:
-    """A dataset by name; LookupError when there is none."""
+    """A dataset by name; DatasetNotFound when there is none."""
     query = f"SELECT {_DATASET_COLUMNS} FROM datasets d WHERE d.name = %s"
     if isinstance(pool, psycopg.Connection):
         with pool.cursor(row_factory=class_row(Dataset)) as cur:
@@ -268,16 +286,16 @@ def get_dataset(pool: ConnectionPool | psycopg.Connection, name: str) -> Dataset
         with pool.connection() as conn, conn.cursor(row_factory=class_row(Dataset)) as cur:
             row = cur.execute(query, (name,)).fetchone()
     if row is None:
-        raise LookupError(f"no dataset named {name!r}")
+        raise DatasetNotFound(f"no dataset named {name!r}")
     return row
 
 
 def get_dataset_by_id(pool: ConnectionPool, dataset_id: int) -> Dataset:
-    """A dataset by id; LookupError when there is none."""
+    """A dataset by id; DatasetNotFound when there is none."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Dataset)) as cur:
         row = cur.execute(f"SELECT {_DATASET_COLUMNS} FROM datasets d WHERE d.id = %s", (dataset_id,)).fetchone()
     if row is None:
-        raise LookupError(f"no dataset with id {dataset_id}")
+        raise DatasetNotFound(f"no dataset with id {dataset_id}")
     return row
 
 
@@ -312,9 +330,9 @@ def update_dataset(pool: ConnectionPool, name: str, *, description: str | None =
                 cur = conn.execute(f"UPDATE datasets SET {', '.join(sets)}, updated_at = now() WHERE name = %s",
                                    (*args, name))
             except psycopg.errors.UniqueViolation:
-                raise ValueError(f"a dataset named {new_name!r} already exists") from None
+                raise DatasetExists(f"a dataset named {new_name!r} already exists") from None
             if cur.rowcount == 0:
-                raise LookupError(f"no dataset named {name!r}")
+                raise DatasetNotFound(f"no dataset named {name!r}")
     return get_dataset(pool, new_name or name)
 
 
@@ -323,10 +341,11 @@ def delete_dataset(pool: ConnectionPool, name: str, *, with_runs: bool = False) 
     with pool.connection() as conn, conn.transaction():
         row = conn.execute("SELECT id FROM datasets WHERE name = %s FOR UPDATE", (name,)).fetchone()
         if row is None:
-            raise LookupError(f"no dataset named {name!r}")
+            raise DatasetNotFound(f"no dataset named {name!r}")
         runs = conn.execute("SELECT count(*) FROM eval_runs WHERE dataset_id = %s", (row[0],)).fetchone()[0]
         if runs and not with_runs:
-            raise ValueError(f"dataset {name!r} has {runs} evaluation run(s); delete them first (or delete with runs)")
+            raise DatasetInUse(f"dataset {name!r} has {runs} evaluation run(s); delete them first "
+                               f"(or delete with runs)")
         conn.execute("DELETE FROM eval_runs WHERE dataset_id = %s", (row[0],))
         conn.execute("DELETE FROM datasets WHERE id = %s", (row[0],))
 
@@ -337,7 +356,7 @@ def _dataset_id(conn: psycopg.Connection, name: str, *, create: bool = False, cr
     if row is not None:
         return row[0], False
     if not create:
-        raise LookupError(f"no dataset named {name!r}")
+        raise DatasetNotFound(f"no dataset named {name!r}")
     check_name(name)
     row = conn.execute(
         "INSERT INTO datasets (name, default_template, created_by) VALUES (%s, %s, %s) "
@@ -416,13 +435,13 @@ def _copy_items(conn: psycopg.Connection, dataset_id: int, items: Sequence[ItemI
 
 def add_items(pool: ConnectionPool, dataset_name: str, items: Iterable[ItemInput | Mapping[str, Any]], *,
               create: bool = False, created_by: str = "", progress: Progress | None = None) -> list[int]:
-    """Add items in one transaction (COPY); ValueError naming the first invalid item, and nothing is added."""
+    """Add items in one transaction (COPY); DatasetError naming the first invalid item, and nothing is added."""
     checked = []
     for i, item in enumerate(items, start=1):
         try:
             checked.append(_as_item(item))
         except ValueError as exc:
-            raise ValueError(f"item {i}: {exc}") from None
+            raise DatasetError(f"item {i}: {exc}") from None
     with pool.connection() as conn, conn.transaction():
         dataset_id, _ = _dataset_id(conn, dataset_name, create=create, created_by=created_by)
         return _copy_items(conn, dataset_id, checked, created_by, progress)
@@ -438,11 +457,11 @@ def add_item(pool: ConnectionPool, dataset_name: str, input: Mapping[str, Any], 
 
 
 def get_item(pool: ConnectionPool, item_id: int) -> Item:
-    """An item at its current revision; LookupError when there is none."""
+    """An item at its current revision; DatasetNotFound when there is none."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Item)) as cur:
         row = cur.execute(_ITEM_SELECT + " WHERE i.id = %s", (item_id,)).fetchone()
     if row is None:
-        raise LookupError(f"no dataset item with id {item_id}")
+        raise DatasetNotFound(f"no dataset item with id {item_id}")
     return row
 
 
@@ -504,12 +523,12 @@ def dataset_variables(pool: ConnectionPool, dataset_name: str) -> list[str]:
 
 
 def get_revision(pool: ConnectionPool, revision_id: int) -> ItemRevision:
-    """One item revision by id; LookupError when there is none."""
+    """One item revision by id; DatasetNotFound when there is none."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(ItemRevision)) as cur:
         row = cur.execute("SELECT id, item_id, revision, input, expected, tags, metadata, created_by, created_at "
                           "FROM dataset_item_revisions WHERE id = %s", (revision_id,)).fetchone()
     if row is None:
-        raise LookupError(f"no dataset item revision with id {revision_id}")
+        raise DatasetNotFound(f"no dataset item revision with id {revision_id}")
     return row
 
 
@@ -520,7 +539,7 @@ def item_history(pool: ConnectionPool, item_id: int) -> list[ItemRevision]:
                            "FROM dataset_item_revisions WHERE item_id = %s ORDER BY revision DESC",
                            (item_id,)).fetchall()
     if not rows:
-        raise LookupError(f"no dataset item with id {item_id}")
+        raise DatasetNotFound(f"no dataset item with id {item_id}")
     return rows
 
 
@@ -532,22 +551,25 @@ def _edit(conn: psycopg.Connection, item_id: int, new: ItemInput, edited_by: str
         "JOIN dataset_item_revisions r ON r.item_id = i.id AND r.revision = i.revision "
         "WHERE i.id = %s AND i.deleted_at IS NULL FOR UPDATE OF i, r", (item_id,)).fetchone()
     if row is None or (dataset_id is not None and row[0] != dataset_id):
-        raise LookupError(f"no dataset item with id {item_id}" + (" in this dataset" if row is not None else ""))
+        raise DatasetNotFound(f"no dataset item with id {item_id}" + (" in this dataset" if row is not None else ""))
     _, revision, revision_id, old_input, old_expected, old_tags, old_meta = row
     if (old_input, old_expected, list(old_tags), old_meta) == (new.input, new.expected, list(new.tags), new.metadata):
         return "unchanged"
     used = conn.execute("SELECT EXISTS (SELECT 1 FROM eval_work_items WHERE item_revision_id = %s)",
                         (revision_id,)).fetchone()[0]
+    values = {"item_id": item_id, "revision": revision + 1, "revision_id": revision_id, "input": jsonb(new.input),
+              "expected": new.expected, "tags": list(new.tags), "metadata": jsonb(new.metadata),
+              "created_by": edited_by}
     if used:
         conn.execute(
             "INSERT INTO dataset_item_revisions (item_id, revision, input, expected, tags, metadata, created_by) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (item_id, revision + 1, Jsonb(new.input), new.expected, list(new.tags), Jsonb(new.metadata), edited_by))
-        conn.execute("UPDATE dataset_items SET revision = %s WHERE id = %s", (revision + 1, item_id))
+            "VALUES (%(item_id)s, %(revision)s, %(input)s, %(expected)s, %(tags)s, %(metadata)s, %(created_by)s)",
+            values)
+        conn.execute("UPDATE dataset_items SET revision = %(revision)s WHERE id = %(item_id)s", values)
         return "revised"
-    conn.execute("UPDATE dataset_item_revisions SET input = %s, expected = %s, tags = %s, metadata = %s, "
-                 "created_by = %s, created_at = now() WHERE id = %s",
-                 (Jsonb(new.input), new.expected, list(new.tags), Jsonb(new.metadata), edited_by, revision_id))
+    conn.execute("UPDATE dataset_item_revisions SET input = %(input)s, expected = %(expected)s, tags = %(tags)s, "
+                 "metadata = %(metadata)s, created_by = %(created_by)s, created_at = now() WHERE id = %(revision_id)s",
+                 values)
     return "updated"
 
 
@@ -577,7 +599,7 @@ def _delete(conn: psycopg.Connection, item_ids: Sequence[int], dataset_id: int |
     found = conn.execute("SELECT count(*) FROM dataset_items WHERE id = ANY(%s) AND deleted_at IS NULL" + scope,
                          [ids, *extra]).fetchone()[0]
     if found != len(set(ids)):
-        raise LookupError("some of the items to delete do not exist (or not in this dataset)")
+        raise DatasetNotFound("some of the items to delete do not exist (or not in this dataset)")
     archived = conn.execute(
         "UPDATE dataset_items i SET deleted_at = now() WHERE i.id = ANY(%s) AND i.deleted_at IS NULL"
         + scope.replace("dataset_id", "i.dataset_id") +
@@ -603,13 +625,13 @@ def apply_edits(pool: ConnectionPool, dataset_name: str, *, added: Sequence[Item
         try:
             new_items.append(_as_item(item))
         except ValueError as exc:
-            raise ValueError(f"new row {i}: {exc}") from None
+            raise DatasetError(f"new row {i}: {exc}") from None
     changes = {}
     for item_id, item in (updated or {}).items():
         try:
             changes[int(item_id)] = _as_item(item)
         except ValueError as exc:
-            raise ValueError(f"item {item_id}: {exc}") from None
+            raise DatasetError(f"item {item_id}: {exc}") from None
     counts = {"updated": 0, "revised": 0, "unchanged": 0}
     with pool.connection() as conn, conn.transaction():
         dataset_id, _ = _dataset_id(conn, dataset_name, lock=True)
@@ -626,11 +648,9 @@ def add_item_from_execution(pool: ConnectionPool, dataset_name: str, execution_i
                             created_by: str = "", tags: Iterable[str] | str | None = ()) -> Item:
     """Save a recorded generation as an item: its variables as input, its output as expected output (the dataset is
     created when missing and create is true)."""
-    from core import executions
-
     execution = executions.get_execution(pool, execution_id)
     if execution.output is None:
-        raise ValueError(f"execution {execution_id} has no output to save (status {execution.status})")
+        raise DatasetError(f"execution {execution_id} has no output to save (status {execution.status})")
     metadata = {"execution_id": execution.id}
     if execution.template_name:
         metadata["template"] = execution.template_name
@@ -647,13 +667,13 @@ def add_item_from_execution(pool: ConnectionPool, dataset_name: str, execution_i
 # --------------------------------------------------------------------------------------------------- import/export
 
 def format_for(filename: str) -> str:
-    """'csv' or 'jsonl' from a file name; ValueError for anything else."""
+    """'csv' or 'jsonl' from a file name; DatasetError for anything else."""
     suffix = Path(filename).suffix.lower()
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
     if suffix in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
-    raise ValueError(f"cannot tell the format of {filename!r}: use a .csv or .jsonl file (or say which)")
+    raise DatasetError(f"cannot tell the format of {filename!r}: use a .csv or .jsonl file (or say which)")
 
 
 _EXPECTED_NAMES = {"expected", "expected_output", "expected output", "expectedoutput", "output", "answer",
@@ -689,20 +709,20 @@ def _check_mapping(columns: Sequence[str], mapping: Mapping[str, str]) -> dict[s
     full = default_mapping(columns)
     unknown = [c for c in mapping if c not in full]
     if unknown:
-        raise ValueError(f"the mapping names column(s) the file does not have: {', '.join(map(repr, unknown))}")
+        raise DatasetError(f"the mapping names column(s) the file does not have: {', '.join(map(repr, unknown))}")
     full.update(mapping)
     targets: dict[str, str] = {}
     for column, role in full.items():
         kind, _, arg = str(role).partition(":")
         if kind not in ROLES:
-            raise ValueError(f"column {column!r}: unknown role {role!r}; use var, var:NAME, json, json:NAME, "
-                             f"expected, tags, metadata, meta:KEY, assert or ignore")
+            raise DatasetError(f"column {column!r}: unknown role {role!r}; use var, var:NAME, json, json:NAME, "
+                               f"expected, tags, metadata, meta:KEY, assert or ignore")
         if kind == "meta" and not arg.strip():
-            raise ValueError(f"column {column!r}: meta needs a key, like meta:source")
+            raise DatasetError(f"column {column!r}: meta needs a key, like meta:source")
         if kind in ("var", "json"):
             var = arg.strip() or column
             if var in targets:
-                raise ValueError(f"columns {targets[var]!r} and {column!r} both map to variable {var!r}")
+                raise DatasetError(f"columns {targets[var]!r} and {column!r} both map to variable {var!r}")
             targets[var] = column
     return full
 
@@ -737,7 +757,8 @@ def _apply_mapping(row: Mapping[str, Any], roles: Sequence[tuple[str, str, str]]
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"column {column!r}: invalid JSON ({exc.msg} at character {exc.pos + 1})") from None
+                    raise DatasetError(f"column {column!r}: invalid JSON ({exc.msg} at character "
+                                       f"{exc.pos + 1})") from None
             variables[arg] = value
         elif kind == "expected":
             if not blank and expected is None:  # several columns may hold it (JSONL lines differ): first wins
@@ -749,9 +770,9 @@ def _apply_mapping(row: Mapping[str, Any], roles: Sequence[tuple[str, str, str]]
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"column {column!r}: invalid JSON list ({exc.msg})") from None
+                    raise DatasetError(f"column {column!r}: invalid JSON list ({exc.msg})") from None
             if not isinstance(value, (str, list)):
-                raise ValueError(f"column {column!r}: tags must be text or a list of text")
+                raise DatasetError(f"column {column!r}: tags must be text or a list of text")
             tags = value
         elif kind == "metadata":
             if blank:
@@ -760,9 +781,10 @@ def _apply_mapping(row: Mapping[str, Any], roles: Sequence[tuple[str, str, str]]
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"column {column!r}: invalid JSON ({exc.msg} at character {exc.pos + 1})") from None
+                    raise DatasetError(f"column {column!r}: invalid JSON ({exc.msg} at character "
+                                       f"{exc.pos + 1})") from None
             if type(value) is not dict:
-                raise ValueError(f"column {column!r}: metadata must be a JSON object")
+                raise DatasetError(f"column {column!r}: metadata must be a JSON object")
             metadata.update(value)
         elif kind == "meta":
             if not blank:
@@ -781,18 +803,19 @@ def _apply_mapping(row: Mapping[str, Any], roles: Sequence[tuple[str, str, str]]
 
 
 def decode(data: bytes, encoding: str = "utf-8") -> str:
-    """The file's text; ValueError naming the line of the first undecodable byte (nothing is imported then)."""
+    """The file's text; DatasetError naming the line of the first undecodable byte (nothing is imported then)."""
     if isinstance(data, str):
         return data
     enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     try:
         return data.decode(enc)
     except LookupError:
-        raise ValueError(f"unknown encoding {encoding!r}") from None
+        raise DatasetError(f"unknown encoding {encoding!r}") from None
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"the file is not valid {encoding} text: byte 0x{data[exc.start]:02x} on line {line} "
-                         f"cannot be decoded; nothing was imported (choose the file's encoding, e.g. latin-1)") from None
+        raise DatasetError(f"the file is not valid {encoding} text: byte 0x{data[exc.start]:02x} on line {line} "
+                           f"cannot be decoded; nothing was imported (choose the file's encoding, e.g. "
+                           f"latin-1)") from None
 
 
 CSV_FIELD_LIMIT = 64 * 1024 * 1024   # a cell may hold a long document; Python's default is 128 KiB
@@ -805,19 +828,19 @@ def _csv_rows(text: str, delimiter: str) -> tuple[list[str], Iterable[tuple[int,
     try:
         header = next(reader)
     except StopIteration:
-        raise ValueError("the file is empty: it needs a header row naming the columns") from None
+        raise DatasetError("the file is empty: it needs a header row naming the columns") from None
     except csv.Error as exc:
-        raise ValueError(f"line 1: the header is not valid CSV: {exc}") from None
+        raise DatasetError(f"line 1: the header is not valid CSV: {exc}") from None
     header = [h.strip() for h in header]
     if not any(header):
-        raise ValueError("line 1: the header row is empty")
+        raise DatasetError("line 1: the header row is empty")
     for i, name in enumerate(header, start=1):
         if not name:
-            raise ValueError(f"line 1: column {i} has no name")
+            raise DatasetError(f"line 1: column {i} has no name")
     seen = set()
     for name in header:
         if name in seen:
-            raise ValueError(f"line 1: column {name!r} appears twice")
+            raise DatasetError(f"line 1: column {name!r} appears twice")
         seen.add(name)
 
     def rows() -> Iterable[tuple[int, list[str] | str]]:
@@ -875,7 +898,7 @@ def _read(data: bytes | str, fmt: str, mapping: Mapping[str, str] | None, encodi
           limit: int | None) -> tuple[list[str], dict[str, str], Iterator[tuple[int, ItemInput | str]]]:
     """(columns, effective mapping, rows as (line, item or the reason it is rejected)), read lazily for CSV."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise DatasetError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     text = decode(data, encoding)
     if fmt == "csv":
         columns, records = _csv_rows(text, delimiter)
@@ -901,7 +924,7 @@ def _read(data: bytes | str, fmt: str, mapping: Mapping[str, str] | None, encodi
         return columns, full, csv_rows()
     parsed = list(itertools.islice(_jsonl_records(text), limit))
     if not parsed:
-        raise ValueError("the file holds no JSON lines")
+        raise DatasetError("the file holds no JSON lines")
     columns: list[str] = []
     seen: set[str] = set()
     for _, record in parsed:
@@ -930,7 +953,7 @@ def parse_file(data: bytes | str, *, fmt: str, mapping: Mapping[str, str] | None
                delimiter: str = ",", limit: int | None = None) -> ParsedFile:
     """Read a CSV or JSONL file with a column mapping (default: by column name) into items and rejected rows.
 
-    Raises ValueError when the file as a whole is unreadable (bad encoding, no header, unknown mapping); a bad row
+    Raises DatasetError when the file as a whole is unreadable (bad encoding, no header, unknown mapping); a bad row
     is rejected with its line number and reason. limit stops after that many data rows (for previews).
     """
     columns, full, rows = _read(data, fmt, mapping, encoding, delimiter, limit)
@@ -957,7 +980,7 @@ def import_file(pool: ConnectionPool, dataset_name: str, data: bytes | str, *, f
                 create: bool = True, strict: bool = False, created_by: str = "", description: str = "",
                 progress: Progress | None = None) -> ImportReport:
     """Import a file's valid rows (COPY, one transaction) and report the rejected ones; with strict, any rejected
-    row imports nothing. An unreadable file raises ValueError and imports nothing.
+    row imports nothing. An unreadable file raises DatasetError and imports nothing.
 
     Rows are parsed and streamed into COPY chunk by chunk, so the database inserts while the file is still being
     read; the revisions' foreign key to their items is checked at commit.
@@ -1009,8 +1032,8 @@ def import_file(pool: ConnectionPool, dataset_name: str, data: bytes | str, *, f
             conn.execute("UPDATE datasets SET updated_at = now() WHERE id = %s", (dataset_id,))
     except _Rollback:
         first = rejected[0]
-        raise ValueError(f"{len(rejected)} row(s) rejected (first: line {first.line}: {first.reason}); "
-                         f"nothing was imported") from None
+        raise DatasetError(f"{len(rejected)} row(s) rejected (first: line {first.line}: {first.reason}); "
+                           f"nothing was imported") from None
     if progress:
         progress(1.0, f"imported {used:,} item(s)")
     return ImportReport(dataset_name, used, n_rows, rejected, created)
@@ -1023,7 +1046,7 @@ def import_path(pool: ConnectionPool, dataset_name: str, path: str | Path, *, fm
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
     fmt = fmt or format_for(path.name)
     if path.suffix.lower() == ".tsv" and "delimiter" not in kwargs:
         kwargs["delimiter"] = "\t"
@@ -1038,7 +1061,7 @@ def export_items(pool: ConnectionPool, dataset_name: str, fmt: str, *, tag: str 
     """A dataset's current items as CSV (a column per variable, then expected, tags, metadata) or JSONL
     ({"input", "expected", "tags", "metadata"} per line); both import back unchanged (CSV values as text)."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise DatasetError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     items = list_items(pool, dataset_name, tag=tag)
     out = io.StringIO(newline="")
     if fmt == "jsonl":
@@ -1056,8 +1079,8 @@ def export_items(pool: ConnectionPool, dataset_name: str, fmt: str, *, tag: str 
                 variables.append(key)
     clashes = [v for v in variables if default_role(v) != "var"]
     if clashes:
-        raise ValueError(f"variable(s) {', '.join(map(repr, clashes))} would read back as another column; "
-                         f"export as JSONL instead")
+        raise DatasetError(f"variable(s) {', '.join(map(repr, clashes))} would read back as another column; "
+                           f"export as JSONL instead")
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*variables, "expected", "tags", "metadata"])
     for item in items:
@@ -1133,7 +1156,7 @@ def _from_row(row: Mapping[str, Any], variables: Sequence[str], original: Item |
         try:
             metadata = json.loads(str(meta_cell))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"metadata is not valid JSON: {exc.msg}") from None
+            raise DatasetError(f"metadata is not valid JSON: {exc.msg}") from None
     tags = "" if _blank(row.get("tags")) else str(row.get("tags"))
     return make_item(inputs, expected, tags, metadata)
 
@@ -1156,13 +1179,13 @@ def grid_changes(items: Sequence[Item], variables: Sequence[str],
             item_id = int(raw_id)
             original = by_id.get(item_id)
             if original is None:
-                raise ValueError(f"item {item_id} is not in this view")
+                raise DatasetError(f"item {item_id} is not in this view")
             kept.add(item_id)
             new = _from_row(row, variables, original)
             if new != original.content and (new.input, new.expected, list(new.tags), new.metadata) != (
                     original.input, original.expected, list(original.tags), original.metadata):
                 updated[item_id] = new
         except ValueError as exc:
-            raise ValueError(f"row {n}: {exc}") from None
+            raise DatasetError(f"row {n}: {exc}") from None
     deleted = [item.id for item in items if item.id not in kept]
     return added, updated, deleted

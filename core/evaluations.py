@@ -27,14 +27,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import psycopg
 from psycopg.rows import class_row, dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from core import evaluators, executions, stats
+from core import evaluators, executions, models, stats
+from core import templates as tmpl  # `templates` is create_run's argument
 from core.config import Settings
+from core.datasets import DatasetNotFound
+from core.db import jsonb
+from core.errors import Conflict, InvalidInput, NotFound
 from core.evaluators import Evaluator
 from core.executions import Origin
 from core.llm import Backend, GenerationError, GenerationParams
+from core.status import register_figures
+from core.worker import register_source, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,18 @@ MAX_ATTEMPTS = 3        # claims of one item (each by a worker that died) before
 EVAL_DEFAULT_PARAMS = {"seed": 0}   # under the version's own parameters and the run's: reproducible by default
 RUN_STATUSES = ("queued", "running", "done", "cancelled")
 SOURCES = ("ui", "cli", "promptfoo", "api", "rerun")
+
+
+class EvaluationError(InvalidInput):
+    """A run cannot be defined or compared as asked (a ValueError); the message says why in one line."""
+
+
+class EvaluationNotFound(NotFound):
+    """No such evaluation run, version of a run or judge model (a LookupError)."""
+
+
+class RunStateError(Conflict, EvaluationError):
+    """The run is not in a state that allows the action (resuming a run that was not cancelled)."""
 
 
 # --------------------------------------------------------------------------------------------------------- records
@@ -236,10 +253,8 @@ def _resolve_version(pool: ConnectionPool, ref: str) -> tuple[Any, str | None]:
 
 def template_choices(pool: ConnectionPool, *, versions: int = 10) -> list[str]:
     """References to offer for a run: per active template its labels, `@latest` and its newest versions."""
-    from core import templates
-
     refs: list[str] = []
-    for t in templates.list_templates(pool, active=True, limit=1000, order="name").items:
+    for t in tmpl.list_templates(pool, active=True, limit=1000, order="name").items:
         refs += [f"{t.name}@{label}" for label in sorted(t.labels)]
         refs.append(f"{t.name}@latest")
         refs += [f"{t.name}@{v}" for v in range(t.latest_version, max(0, t.latest_version - versions), -1)]
@@ -247,8 +262,6 @@ def template_choices(pool: ConnectionPool, *, versions: int = 10) -> list[str]:
 
 
 def _model_record(pool: ConnectionPool, settings: Settings, model: str | None) -> dict[str, Any]:
-    from core import models
-
     default = models.ensure_default_model_registered(pool, settings)
     m = default if model in (None, "", default.name) else models.get_model(pool, model)
     return {"id": m.id, "name": m.name, "backend": m.backend, "sha256": m.sha256, "base_url": m.base_url,
@@ -274,28 +287,25 @@ def create_run(pool: ConnectionPool, settings: Settings, *, dataset: str, templa
                allow_unsupported: bool = False, _resolved: Sequence[tuple[str, int, str | None]] | None = None) -> Run:
     """Define and queue a run; every template reference is resolved to an exact version now. Returns the run.
 
-    ValueError/LookupError (naming the problem) when the dataset, a template, the model, a parameter or an evaluator
-    is wrong, or nothing would be evaluated; nothing is written then.
+    An InvalidInput or NotFound (a ValueError or LookupError) naming the problem when the dataset, a template, the
+    model, a parameter or an evaluator is wrong, or nothing would be evaluated; nothing is written then.
     """
-    from core import templates as tmpl
-
     if source not in SOURCES:
-        raise ValueError(f"unknown run source {source!r}")
+        raise EvaluationError(f"unknown run source {source!r}")
     refs = [r.strip() for r in templates if isinstance(r, str) and r.strip()]
     if not refs and not _resolved:
-        raise ValueError("choose at least one template version (name, name@label or name@version)")
+        raise EvaluationError("choose at least one template version (name, name@label or name@version)")
     run_evals = _check_evaluators(list(evaluators), allow_unsupported)
     params = dict(params or {})
     GenerationParams.from_dict(params)  # names the bad parameter
     model_rec = _model_record(pool, settings, model)
-    from core import models
-
     for spec in run_evals:
         if spec.get("provider"):
             try:
                 models.get_model(pool, spec["provider"])
             except LookupError:
-                raise LookupError(f"{spec['type']}: the judge model {spec['provider']!r} is not registered") from None
+                raise EvaluationNotFound(f"{spec['type']}: the judge model {spec['provider']!r} is not "
+                                         f"registered") from None
     if _resolved is not None:
         versions = [(ref, tmpl.get_version(pool, vid), label) for ref, vid, label in _resolved]
     else:
@@ -306,21 +316,21 @@ def create_run(pool: ConnectionPool, settings: Settings, *, dataset: str, templa
     seen: set[int] = set()
     for ref, tv, _ in versions:
         if tv.id in seen:
-            raise ValueError(f"{ref!r} is the same version ({tv.ref}) as another reference of this run")
+            raise EvaluationError(f"{ref!r} is the same version ({tv.ref}) as another reference of this run")
         seen.add(tv.id)
     effective = []
-    for ref, tv, _ in versions:
+    for _, tv, _ in versions:
         try:
             merged = {**EVAL_DEFAULT_PARAMS, **(tv.params or {}), **params}
             effective.append(GenerationParams.from_dict(merged).to_dict())
         except ValueError as exc:
-            raise ValueError(f"{tv.ref}: {exc}") from None
+            raise EvaluationError(f"{tv.ref}: {exc}") from None
     definition = {"dataset": dataset, "templates": refs or [r for r, _, _ in versions], "tag": tag, "model": model,
                   "params": params, "evaluators": run_evals, "name": name, "allow_unsupported": allow_unsupported}
     with pool.connection() as conn, conn.transaction():
         row = conn.execute("SELECT id FROM datasets WHERE name = %s", (dataset,)).fetchone()
         if row is None:
-            raise LookupError(f"no dataset named {dataset!r}")
+            raise DatasetNotFound(f"no dataset named {dataset!r}")
         dataset_id = row[0]
         query = ("SELECT i.id, r.id, r.input, r.metadata FROM dataset_items i JOIN dataset_item_revisions r "
                  "ON r.item_id = i.id AND r.revision = i.revision WHERE i.dataset_id = %s AND i.deleted_at IS NULL")
@@ -330,22 +340,26 @@ def create_run(pool: ConnectionPool, settings: Settings, *, dataset: str, templa
             args.append(tag)
         items = conn.execute(query + " ORDER BY i.id FOR SHARE OF r", args).fetchall()
         if not items:
-            raise ValueError(f"dataset {dataset!r} has no items" + (f" tagged {tag!r}" if tag else ""))
+            raise EvaluationError(f"dataset {dataset!r} has no items" + (f" tagged {tag!r}" if tag else ""))
         if not run_evals and not any((meta or {}).get("assert") for _, _, _, meta in items):
-            raise ValueError("no evaluators: add at least one (or give the items their own assert list)")
+            raise EvaluationError("no evaluators: add at least one (or give the items their own assert list)")
         run_id = conn.execute(
             "INSERT INTO eval_runs (name, dataset_id, model, model_key, params, evaluators, definition, source, "
-            "created_by, rerun_of) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (name or "", dataset_id, Jsonb(model_rec), model_rec["name"], Jsonb(params), Jsonb(run_evals),
-             Jsonb(definition), source, created_by or "", rerun_of)).fetchone()[0]
+            "created_by, rerun_of) VALUES (%(name)s, %(dataset_id)s, %(model)s, %(model_key)s, %(params)s, "
+            "%(evaluators)s, %(definition)s, %(source)s, %(created_by)s, %(rerun_of)s) RETURNING id",
+            {"name": name or "", "dataset_id": dataset_id, "model": jsonb(model_rec), "model_key": model_rec["name"],
+             "params": jsonb(params), "evaluators": jsonb(run_evals), "definition": jsonb(definition),
+             "source": source, "created_by": created_by or "", "rerun_of": rerun_of}).fetchone()[0]
         for position, (ref, tv, label) in enumerate(versions):
             conn.execute(
                 "INSERT INTO eval_run_versions (run_id, position, ref, template_version_id, template_name, version, "
-                "label, output_schema) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (run_id, position, ref, tv.id, tv.name, tv.version, label,
-                 Jsonb(tv.output_schema) if tv.output_schema else None))
+                "label, output_schema) VALUES (%(run_id)s, %(position)s, %(ref)s, %(template_version_id)s, "
+                "%(template_name)s, %(version)s, %(label)s, %(output_schema)s)",
+                {"run_id": run_id, "position": position, "ref": ref, "template_version_id": tv.id,
+                 "template_name": tv.name, "version": tv.version, "label": label,
+                 "output_schema": jsonb(tv.output_schema) if tv.output_schema else None})
         work: list[tuple[str, int, int, int, list | None, str | None]] = []
-        for position, (ref, tv, label) in enumerate(versions):
+        for position, (_, tv, label) in enumerate(versions):
             for item_id, revision_id, variables, _ in items:
                 try:
                     rendered = tmpl.render_template(pool, tv, variables, label=label)
@@ -381,12 +395,12 @@ def _versions(conn: psycopg.Connection, run_ids: Sequence[int]) -> dict[int, lis
 
 
 def get_run(pool: ConnectionPool, run_id: int) -> Run:
-    """A run with its versions; LookupError when there is none."""
+    """A run with its versions; EvaluationNotFound (a LookupError) when there is none."""
     with pool.connection() as conn:
         with conn.cursor(row_factory=class_row(Run)) as cur:
             run = cur.execute(_RUN_SELECT + " WHERE r.id = %s", (run_id,)).fetchone()
         if run is None:
-            raise LookupError(f"no evaluation run with id {run_id}")
+            raise EvaluationNotFound(f"no evaluation run with id {run_id}")
         return replace(run, versions=_versions(conn, [run_id])[run_id])
 
 
@@ -415,7 +429,7 @@ def cancel_run(pool: ConnectionPool, run_id: int) -> bool:
     with pool.connection() as conn, conn.transaction():
         row = conn.execute("SELECT status FROM eval_runs WHERE id = %s FOR UPDATE", (run_id,)).fetchone()
         if row is None:
-            raise LookupError(f"no evaluation run with id {run_id}")
+            raise EvaluationNotFound(f"no evaluation run with id {run_id}")
         if row[0] not in ("queued", "running"):
             return False
         conn.execute("UPDATE eval_work_items SET status = 'cancelled' WHERE run_id = %s AND (status = 'queued' "
@@ -429,9 +443,9 @@ def resume_run(pool: ConnectionPool, run_id: int) -> int:
     with pool.connection() as conn, conn.transaction():
         row = conn.execute("SELECT status FROM eval_runs WHERE id = %s FOR UPDATE", (run_id,)).fetchone()
         if row is None:
-            raise LookupError(f"no evaluation run with id {run_id}")
+            raise EvaluationNotFound(f"no evaluation run with id {run_id}")
         if row[0] != "cancelled":
-            raise ValueError(f"run {run_id} is {row[0]}; only a cancelled run can be resumed")
+            raise RunStateError(f"run {run_id} is {row[0]}; only a cancelled run can be resumed")
         n = conn.execute("UPDATE eval_work_items SET status = 'queued' WHERE run_id = %s AND status = 'cancelled'",
                          (run_id,)).rowcount
         left = conn.execute("SELECT count(*) FROM eval_work_items WHERE run_id = %s AND status IN ('queued', "
@@ -458,7 +472,7 @@ def delete_run(pool: ConnectionPool, run_id: int) -> None:
     """Delete a run with its work items and results (the ledger keeps its executions)."""
     with pool.connection() as conn:
         if conn.execute("DELETE FROM eval_runs WHERE id = %s", (run_id,)).rowcount == 0:
-            raise LookupError(f"no evaluation run with id {run_id}")
+            raise EvaluationNotFound(f"no evaluation run with id {run_id}")
 
 
 # ------------------------------------------------------------------------------------------------------- progress
@@ -469,7 +483,7 @@ def progress(pool: ConnectionPool, run_id: int) -> Progress:
         run = conn.execute("SELECT status, started_at, finished_at, now() FROM eval_runs WHERE id = %s",
                            (run_id,)).fetchone()
         if run is None:
-            raise LookupError(f"no evaluation run with id {run_id}")
+            raise EvaluationNotFound(f"no evaluation run with id {run_id}")
         status, started_at, finished_at, now = run
         # A claim whose lease ran out (its worker died) counts as queued: another worker will take it.
         counts = conn.execute(
@@ -594,8 +608,6 @@ _BACKEND_TTL_S = 60.0
 
 def _backend(pool: ConnectionPool, settings: Settings, model_name: str | None) -> Backend:
     """The backend of a registered model (looked up at most once a minute per process)."""
-    from core import models
-
     key = (id(pool), settings, model_name)
     now = time.monotonic()
     with _contexts_lock:
@@ -612,8 +624,6 @@ def _judge_fn(pool: ConnectionPool, settings: Settings, run: Run, work: WorkItem
     def judge(ev: Evaluator, rubric: str, output: str, variables: Mapping[str, Any]) -> evaluators.Judgement:
         model_name = ev.provider or run.model_name
         backend = _backend(pool, settings, model_name)
-        from core import models
-
         registered = models.model_for_backend(pool, backend)
         params = GenerationParams(temperature=0.0, seed=0, max_tokens=int(ev.options.get("max_tokens", 256)))
         origin = Origin(source="judge", user_id=run.created_by or None,
@@ -643,15 +653,21 @@ def _finish(pool: ConnectionPool, work: WorkItem, worker: str, *, execution_id: 
         conn.execute(
             "INSERT INTO eval_results (work_item_id, run_id, position, item_id, execution_id, output, error, passed, "
             "score, prompt_tokens, completion_tokens, latency_ms, worker) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (work.id, work.run_id, work.position, work.item_id, execution_id, output, error, passed, score,
-             prompt_tokens, completion_tokens, latency_ms, worker))
+            "VALUES (%(work_item_id)s, %(run_id)s, %(position)s, %(item_id)s, %(execution_id)s, %(output)s, "
+            "%(error)s, %(passed)s, %(score)s, %(prompt_tokens)s, %(completion_tokens)s, %(latency_ms)s, %(worker)s)",
+            {"work_item_id": work.id, "run_id": work.run_id, "position": work.position, "item_id": work.item_id,
+             "execution_id": execution_id, "output": output, "error": error, "passed": passed, "score": score,
+             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "latency_ms": latency_ms,
+             "worker": worker})
         if checks:
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO eval_checks (work_item_id, idx, origin, name, type, passed, score, weight, reason, "
-                    "execution_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(work.id, i, origin, c.name, c.type, c.passed, c.score, c.weight, c.reason, c.execution_id)
+                    "execution_id) VALUES (%(work_item_id)s, %(idx)s, %(origin)s, %(name)s, %(type)s, %(passed)s, "
+                    "%(score)s, %(weight)s, %(reason)s, %(execution_id)s)",
+                    [{"work_item_id": work.id, "idx": i, "origin": origin, "name": c.name, "type": c.type,
+                      "passed": c.passed, "score": c.score, "weight": c.weight, "reason": c.reason,
+                      "execution_id": c.execution_id}
                      for i, (c, origin) in enumerate(zip(checks, check_origins))])
         left = conn.execute("SELECT EXISTS (SELECT 1 FROM eval_work_items WHERE run_id = %s "
                             "AND status IN ('queued', 'running'))", (work.run_id,)).fetchone()[0]
@@ -769,8 +785,6 @@ def process(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: st
 def run_next(pool: ConnectionPool, settings: Settings, *, run_id: int | None = None, worker: str | None = None,
              lease_s: float = LEASE_S) -> bool:
     """Claim and process the next items, up to PROMPTDEV_EVAL_BATCH of them (the worker's task source)."""
-    from core.worker import worker_id
-
     me = worker or worker_id()
     works = claim_many(pool, me, run_id=run_id, limit=settings.eval_batch, lease_s=lease_s)
     if not works:
@@ -797,10 +811,8 @@ def work_on(pool: ConnectionPool, settings: Settings, run_id: int, *,
 
 
 def _register() -> None:
-    from core import status, worker
-
-    worker.register_source("evaluations", lambda pool, settings: run_next(pool, settings))
-    status.register_figures("evaluations", _figures)
+    register_source("evaluations", lambda pool, settings: run_next(pool, settings))
+    register_figures("evaluations", _figures)
 
 
 def _figures(conn: psycopg.Connection) -> dict[str, int]:
@@ -926,16 +938,16 @@ def compare(pool: ConnectionPool, arms: int | Sequence[tuple[int, int]], *, resa
         arms = [(run.id, v.position) for v in run.versions]
     arms = [(int(r), int(p)) for r, p in arms]
     if len(arms) < 2:
-        raise ValueError("compare needs at least two versions")
+        raise EvaluationError("compare needs at least two versions")
     if len(set(arms)) != len(arms):
-        raise ValueError("the same version is chosen twice")
+        raise EvaluationError("the same version is chosen twice")
     runs: dict[int, Run] = {}
     for run_id, _ in arms:
         if run_id not in runs:
             runs[run_id] = get_run(pool, run_id)
     datasets_ = {r.dataset_id for r in runs.values()}
     if len(datasets_) > 1:
-        raise ValueError("the versions to compare come from runs over different datasets")
+        raise EvaluationError("the versions to compare come from runs over different datasets")
     summaries, titles = [], []
     by_arm: list[dict[int, Result]] = []
     multi_run = len(runs) > 1
@@ -943,7 +955,7 @@ def compare(pool: ConnectionPool, arms: int | Sequence[tuple[int, int]], *, resa
         run = runs[run_id]
         version = next((v for v in run.versions if v.position == position), None)
         if version is None:
-            raise LookupError(f"run {run_id} has no version {position}")
+            raise EvaluationNotFound(f"run {run_id} has no version {position}")
         summaries.append(_summary(pool, run, version))
         titles.append(version.title + (f" · run {run_id}" if multi_run else ""))
         by_arm.append({r.item_id: r for r in list_results(pool, run_id, position=position)})
@@ -1010,7 +1022,7 @@ def unified_diff(expected: str | None, output: str | None) -> str:
 def gate(summaries: Sequence[VersionSummary], min_pass_rate: float) -> list[str]:
     """The versions whose pass rate is below min_pass_rate, each as a one-line reason (empty: the gate passes)."""
     if not 0 <= min_pass_rate <= 1:
-        raise ValueError(f"--min-pass-rate must be between 0 and 1, got {min_pass_rate}")
+        raise EvaluationError(f"--min-pass-rate must be between 0 and 1, got {min_pass_rate}")
     return [f"{s.title}: pass rate {s.pass_rate:.1%} is below {min_pass_rate:.1%}" for s in summaries
             if s.n == 0 or s.pass_rate < min_pass_rate]
 

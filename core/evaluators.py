@@ -16,6 +16,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jsonschema
+import yaml
+from jinja2.sandbox import SandboxedEnvironment
+
+from core.errors import InvalidInput
+
 # type -> (what it checks, how it uses value / threshold)
 TYPES: dict[str, str] = {
     "equals": "output equals the value (or the expected output); a JSON value is compared as JSON",
@@ -31,14 +37,17 @@ TYPES: dict[str, str] = {
     "contains-json": "output contains valid JSON (and it matches the JSON Schema given as value, if any)",
     "json-schema": "output is JSON valid against the schema given as value, else the version's output schema",
     "levenshtein": "edit distance to the value (or expected output) is at most threshold (default 5)",
-    "similarity": "similarity ratio 1 - distance/longer length with the value (or expected) is at least threshold (0.8)",
+    "similarity": ("similarity ratio 1 - distance/longer length with the value (or expected) is at least threshold "
+                   "(0.8)"),
     "rouge-l": "ROUGE-L F1 against the value (or expected output) is at least threshold (default 0.75)",
-    "rouge-n": "ROUGE-N recall (n from options, default 1) against the value (or expected) is at least threshold (0.75)",
+    "rouge-n": ("ROUGE-N recall (n from options, default 1) against the value (or expected) is at least threshold "
+                "(0.75)"),
     "latency": "generation took at most threshold milliseconds",
     "cost": "cost is at most threshold (local models cost nothing)",
     "completion-tokens": "the output took at most threshold tokens",
     "finish-reason": "the model stopped for the reason given as value (stop, length)",
-    "llm-rubric": "a judge model (provider: a registered model; default: the run's model) says the output meets the rubric",
+    "llm-rubric": ("a judge model (provider: a registered model; default: the run's model) says the output meets the "
+                   "rubric"),
 }
 REFERENCE_TYPES = {"equals", "contains", "icontains", "contains-any", "icontains-any", "contains-all", "icontains-all",
                    "starts-with", "levenshtein", "similarity", "rouge-l", "rouge-n"}
@@ -58,6 +67,10 @@ PROMPTFOO_UNSUPPORTED = {
 SHORTHAND_ALIASES = {"grade": "llm-rubric"}
 _KEYS = {"type", "value", "threshold", "weight", "name", "metric", "provider", "model", "options"}
 UNSUPPORTED = "unsupported"
+
+
+class EvaluatorError(InvalidInput):
+    """An evaluator definition cannot be used (a ValueError, as before); the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -154,13 +167,13 @@ class Context:
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number, got {value!r}")
+        raise EvaluatorError(f"{what} must be a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
+        raise EvaluatorError(f"{what} must be a number, got {value!r}") from None
     if math.isnan(number) or math.isinf(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
+        raise EvaluatorError(f"{what} must be a finite number, got {value!r}")
     return number
 
 
@@ -169,29 +182,25 @@ def _is_templated(value: Any) -> bool:
 
 
 def _load_schema(value: Any) -> dict[str, Any]:
-    """A JSON Schema from a mapping or its JSON/YAML text; ValueError when it is not a valid schema."""
-    import jsonschema
-
+    """A JSON Schema from a mapping or its JSON/YAML text; EvaluatorError when it is not a valid schema."""
     schema = value
     if isinstance(value, str):
         try:
             schema = json.loads(value)
         except json.JSONDecodeError:
-            import yaml
-
             try:
                 schema = yaml.safe_load(value)
             except yaml.YAMLError as exc:
-                raise ValueError(f"JSON Schema is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
+                raise EvaluatorError(f"JSON Schema is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
     if isinstance(schema, bool):
         return schema  # type: ignore[return-value]  # true/false are valid schemas
     if not isinstance(schema, Mapping):
-        raise ValueError(f"a JSON Schema must be an object, got {type(schema).__name__}")
+        raise EvaluatorError(f"a JSON Schema must be an object, got {type(schema).__name__}")
     schema = dict(schema)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+        raise EvaluatorError(f"invalid JSON Schema: {exc.message}") from None
     return schema
 
 
@@ -202,7 +211,7 @@ def _split_type(raw: str) -> tuple[str, bool]:
 
 
 def parse(spec: Mapping[str, Any] | str | Evaluator, *, allow_unsupported: bool = False) -> Evaluator:
-    """An Evaluator from a promptfoo-style mapping or shorthand string; ValueError naming what is wrong.
+    """An Evaluator from a promptfoo-style mapping or shorthand string; EvaluatorError naming what is wrong.
 
     With allow_unsupported (imports), an assertion PromptDev cannot run becomes an `unsupported` evaluator that
     always fails and says why, instead of an error.
@@ -212,10 +221,10 @@ def parse(spec: Mapping[str, Any] | str | Evaluator, *, allow_unsupported: bool 
     if isinstance(spec, str):
         return parse_shorthand(spec, allow_unsupported=allow_unsupported)
     if not isinstance(spec, Mapping):
-        raise ValueError(f"an evaluator must be a mapping with a type, got {type(spec).__name__}")
+        raise EvaluatorError(f"an evaluator must be a mapping with a type, got {type(spec).__name__}")
     raw_type = spec.get("type")
     if not isinstance(raw_type, str) or not raw_type.strip():
-        raise ValueError("an evaluator needs a type, e.g. {type: contains, value: ...}")
+        raise EvaluatorError("an evaluator needs a type, e.g. {type: contains, value: ...}")
     base, negate = _split_type(raw_type)
     base = SHORTHAND_ALIASES.get(base, base)
     if base == UNSUPPORTED or "unsupported" in spec:
@@ -226,47 +235,47 @@ def parse(spec: Mapping[str, Any] | str | Evaluator, *, allow_unsupported: bool 
         if allow_unsupported:
             why = ("not supported by PromptDev" if base in PROMPTFOO_UNSUPPORTED else "unknown")
             return _unsupported(base, negate, spec, f"assertion type {raw_type!r} is {why}")
-        raise ValueError(f"unknown evaluator type {raw_type!r}; known: {', '.join(sorted(TYPES))}")
+        raise EvaluatorError(f"unknown evaluator type {raw_type!r}; known: {', '.join(sorted(TYPES))}")
     if unknown_keys:
         message = f"{raw_type}: unsupported option(s) {', '.join(unknown_keys)}"
         if allow_unsupported:
             return _unsupported(base, negate, spec, message)
-        raise ValueError(message)
+        raise EvaluatorError(message)
     value = spec.get("value")
     threshold = spec.get("threshold")
     threshold = None if threshold is None else _number(threshold, f"{raw_type}: threshold")
     weight = _number(spec.get("weight", 1.0), f"{raw_type}: weight")
     if weight < 0:
-        raise ValueError(f"{raw_type}: weight must not be negative, got {weight}")
+        raise EvaluatorError(f"{raw_type}: weight must not be negative, got {weight}")
     name = str(spec.get("name") or spec.get("metric") or "").strip()
     provider = spec.get("provider") or spec.get("model")
     if provider is not None and not isinstance(provider, str):
         provider = provider.get("id") if isinstance(provider, Mapping) else str(provider)
     options = dict(spec.get("options") or {})
     if not isinstance(spec.get("options") or {}, Mapping):
-        raise ValueError(f"{raw_type}: options must be a mapping")
+        raise EvaluatorError(f"{raw_type}: options must be a mapping")
     # Per-type checks, done now so a bad definition fails before a run starts.
     if base in VALUE_REQUIRED and (value is None or value == ""):
-        raise ValueError(f"{raw_type}: needs a value")
+        raise EvaluatorError(f"{raw_type}: needs a value")
     if base in THRESHOLD_REQUIRED:
         if threshold is None and value is not None:
             threshold = _number(value, f"{raw_type}: value")
             value = None
         if threshold is None:
-            raise ValueError(f"{raw_type}: needs a threshold")
+            raise EvaluatorError(f"{raw_type}: needs a threshold")
         if threshold < 0:
-            raise ValueError(f"{raw_type}: threshold must not be negative")
+            raise EvaluatorError(f"{raw_type}: threshold must not be negative")
     if base in ("similarity", "rouge-l", "rouge-n") and threshold is not None and not 0 <= threshold <= 1:
-        raise ValueError(f"{raw_type}: threshold must be between 0 and 1, got {threshold}")
+        raise EvaluatorError(f"{raw_type}: threshold must be between 0 and 1, got {threshold}")
     if base == "levenshtein" and threshold is not None and threshold < 0:
-        raise ValueError(f"{raw_type}: threshold must not be negative")
+        raise EvaluatorError(f"{raw_type}: threshold must not be negative")
     if base == "llm-rubric" and threshold is not None and not 0 <= threshold <= 1:
-        raise ValueError(f"{raw_type}: threshold (minimum score) must be between 0 and 1, got {threshold}")
+        raise EvaluatorError(f"{raw_type}: threshold (minimum score) must be between 0 and 1, got {threshold}")
     if base == "regex" and not _is_templated(value):
         try:
             re.compile(str(value))
         except re.error as exc:
-            raise ValueError(f"{raw_type}: invalid regular expression {value!r}: {exc}") from None
+            raise EvaluatorError(f"{raw_type}: invalid regular expression {value!r}: {exc}") from None
     if base in ("is-json", "contains-json", "json-schema") and value not in (None, "") and not _is_templated(value):
         value = _load_schema(value)
     if base in ("contains-any", "icontains-any", "contains-all", "icontains-all") and value is not None:
@@ -275,17 +284,17 @@ def parse(spec: Mapping[str, Any] | str | Evaluator, *, allow_unsupported: bool 
         elif isinstance(value, (list, tuple)):
             value = [str(v) for v in value]
         else:
-            raise ValueError(f"{raw_type}: value must be a list or a comma-separated string")
+            raise EvaluatorError(f"{raw_type}: value must be a list or a comma-separated string")
         if not value:
-            raise ValueError(f"{raw_type}: needs at least one value")
+            raise EvaluatorError(f"{raw_type}: needs at least one value")
     if base == "rouge-n":
         n = options.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
-            raise ValueError(f"{raw_type}: options.n must be 1 to 4, got {n!r}")
+            raise EvaluatorError(f"{raw_type}: options.n must be 1 to 4, got {n!r}")
     if base == "llm-rubric" and "max_tokens" in options:
         mt = options["max_tokens"]
         if not isinstance(mt, int) or isinstance(mt, bool) or not 1 <= mt <= 4096:
-            raise ValueError(f"{raw_type}: options.max_tokens must be 1 to 4096, got {mt!r}")
+            raise EvaluatorError(f"{raw_type}: options.max_tokens must be 1 to 4096, got {mt!r}")
     if base == "finish-reason":
         value = str(value)
     return Evaluator(type=base, value=value, threshold=threshold, weight=weight, negate=negate, name=name,
@@ -330,8 +339,8 @@ def parse_shorthand(text: str, *, allow_unsupported: bool = False, strict: bool 
                 spec["threshold"] = spec.pop("value")
             return parse(spec, allow_unsupported=allow_unsupported)
         if strict and (match["value"] is not None or match["threshold"] is not None):
-            raise ValueError(f"unknown evaluator type {match['type']!r}; known: {', '.join(sorted(TYPES))} "
-                             f"(equals:TEXT for an exact match)")
+            raise EvaluatorError(f"unknown evaluator type {match['type']!r}; known: {', '.join(sorted(TYPES))} "
+                                 f"(equals:TEXT for an exact match)")
     if strict and text.strip() in TYPES:
         return parse({"type": text.strip()}, allow_unsupported=allow_unsupported)
     return Evaluator(type="equals", value=text)
@@ -360,7 +369,7 @@ def parse_all(specs: Iterable[Mapping[str, Any] | str] | None, *, allow_unsuppor
         try:
             out.append(parse(spec, allow_unsupported=allow_unsupported))
         except ValueError as exc:
-            raise ValueError(f"evaluator {i}: {exc}") from None
+            raise EvaluatorError(f"evaluator {i}: {exc}") from None
     return out
 
 
@@ -462,8 +471,6 @@ def extract_all_json(text: str) -> list[Any]:
 
 
 def _schema_errors(instance: Any, schema: Any) -> str | None:
-    import jsonschema
-
     validator = jsonschema.validators.validator_for(schema)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     if error is None:
@@ -570,8 +577,6 @@ def _render_value(value: Any, ctx: Context) -> Any:
         return [_render_value(v, ctx) for v in value]
     if not _is_templated(value):
         return value
-    from jinja2.sandbox import SandboxedEnvironment
-
     env = SandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
     return env.from_string(value).render({**dict(ctx.variables), "expected": ctx.expected})
 

@@ -8,8 +8,9 @@ the background worker and returns its id at once (`get_execution()` reports its 
 re-runs a recorded execution exactly (same messages, parameters and seed) and says whether the output is identical.
 
 What is recorded and what is not: a request that cannot start (unknown template, version or label, bad parameters,
-missing or invalid variables) raises ValueError/LookupError at once and writes nothing; once the model was asked,
-the outcome is recorded whatever it is (ok, error with its message, cancelled).
+missing or invalid variables) raises at once (an InvalidInput or NotFound of core.errors, so a ValueError or
+LookupError) and writes nothing; once the model was asked, the outcome is recorded whatever it is (ok, error with its
+message, cancelled).
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from datetime import datetime
 from typing import Any, Iterator, Mapping, Sequence
 
 from psycopg.rows import class_row, dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from core import metrics, models, templates
+from core.db import LockKey, jsonb
+from core.errors import Conflict, InvalidInput, NotFound, Unavailable
 from core.llm import Backend, Generation, GenerationError, GenerationParams, Request, Usage
+from core.status import register_figures
+from core.worker import register_source, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,22 @@ ASYNC_COMMIT = True
 SOURCES = ("playground", "chat", "evaluation", "judge", "cli", "api", "rerun", "bench")
 STATUSES = ("queued", "running", "ok", "error", "blocked", "cancelled")
 FINAL_STATUSES = ("ok", "error", "blocked", "cancelled")
+
+
+class ExecutionError(InvalidInput):
+    """A generation cannot be started or recorded as asked (a ValueError); the message says why."""
+
+
+class ExecutionNotFound(NotFound):
+    """No execution with that id (a LookupError)."""
+
+
+class ExecutionStateError(Conflict, ExecutionError):
+    """The execution is not in a state that allows the action (re-running one that has not finished)."""
+
+
+class ExecutionTimeout(Unavailable, TimeoutError):
+    """A submitted execution did not finish in the time waited for it (also a TimeoutError)."""
 
 
 @dataclass(frozen=True)
@@ -119,27 +140,17 @@ class Origin:
                    label=rendered.label, variables=dict(rendered.variables), **kw)
 
 
-_COLUMNS = ("created_at", "status", "source", "user_id", "template_version_id", "template_name", "template_version", "label",
-            "model_id", "model_name", "model_sha256", "backend", "base_url", "params", "seed", "variables",
+_COLUMNS = ("created_at", "status", "source", "user_id", "template_version_id", "template_name", "template_version",
+            "label", "model_id", "model_name", "model_sha256", "backend", "base_url", "params", "seed", "variables",
             "messages", "prompt", "output", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms",
             "total_ms", "error", "rerun_of", "finished_at")
 # The model id, when the caller does not know it, is the registered model the backend runs (same file hash, or
 # same server), preferring the one of the same name.
-_MODEL_ID_SQL = ("COALESCE(%s::bigint, (SELECT m.id FROM models m WHERE (m.backend = 'llama_cpp' AND m.sha256 = %s) "
-                 "OR (m.backend = 'openai' AND m.base_url = %s) ORDER BY (m.name = %s) DESC, m.is_default DESC, m.id "
-                 "LIMIT 1))")
-_INSERT = (f"INSERT INTO executions ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join(_MODEL_ID_SQL if c == 'model_id' else '%s' for c in _COLUMNS)}) RETURNING id")
-
-
-def _insert_args(values: Mapping[str, Any]) -> list[Any]:
-    args: list[Any] = []
-    for c in _COLUMNS:
-        if c == "model_id":
-            args += [values["model_id"], values["model_sha256"], values["base_url"], values["model_name"]]
-        else:
-            args.append(values[c])
-    return args
+_MODEL_ID_SQL = ("COALESCE(%(model_id)s::bigint, (SELECT m.id FROM models m WHERE (m.backend = 'llama_cpp' "
+                 "AND m.sha256 = %(model_sha256)s) OR (m.backend = 'openai' AND m.base_url = %(base_url)s) "
+                 "ORDER BY (m.name = %(model_name)s) DESC, m.is_default DESC, m.id LIMIT 1))")
+_PLACEHOLDERS = [_MODEL_ID_SQL if c == "model_id" else f"%({c})s" for c in _COLUMNS]
+_INSERT = f"INSERT INTO executions ({', '.join(_COLUMNS)}) VALUES ({', '.join(_PLACEHOLDERS)}) RETURNING id"
 
 
 def model_fields(backend: Backend) -> dict[str, Any]:
@@ -168,46 +179,35 @@ def record(pool: ConnectionPool, *, origin: Origin, backend: Backend | None = No
            started_at: datetime | None = None) -> int:
     """Write one finished execution (ok, error, blocked or cancelled) and return its id."""
     if origin.source not in SOURCES:
-        raise ValueError(f"unknown execution source {origin.source!r}")
+        raise ExecutionError(f"unknown execution source {origin.source!r}")
     if status not in STATUSES:
-        raise ValueError(f"unknown execution status {status!r}")
+        raise ExecutionError(f"unknown execution status {status!r}")
     ident = dict(model) if model is not None else model_fields(backend) if backend is not None else {
         "model_name": "none", "backend": "none", "model_sha256": None, "base_url": None}
     usage = usage or Usage()
     values = {
-        "created_at": started_at or datetime.now().astimezone(), "status": status, "source": origin.source, "user_id": origin.user_id,
+        "created_at": started_at or datetime.now().astimezone(), "status": status, "source": origin.source,
+        "user_id": origin.user_id,
         "template_version_id": origin.template_version_id, "template_name": origin.template_name,
         "template_version": origin.template_version, "label": origin.label, "model_id": origin.model_id,
         **ident,
-        "params": Jsonb(params.to_dict() if params else {}), "seed": params.seed if params else None,
-        "variables": Jsonb(_json_safe(dict(origin.variables))),
-        "messages": Jsonb([dict(m) for m in messages]) if messages is not None else None,
+        "params": jsonb(params.to_dict() if params else {}), "seed": params.seed if params else None,
+        "variables": jsonb(_json_safe(dict(origin.variables))),
+        "messages": jsonb([dict(m) for m in messages]) if messages is not None else None,
         "prompt": prompt, "output": output, **_usage_values(usage, output, status),
         "error": error, "rerun_of": origin.rerun_of, "finished_at": datetime.now().astimezone(),
     }
     with pool.connection() as conn, conn.transaction():
         if ASYNC_COMMIT:
             conn.execute("SET LOCAL synchronous_commit = off")
-        execution_id = conn.execute(_INSERT, _insert_args(values)).fetchone()[0]
+        execution_id = conn.execute(_INSERT, values).fetchone()[0]
     _observe(values)
     return execution_id
 
 
-_metrics: Any = None  # core.metrics once imported; False when it cannot be (then never tried again)
-
-
 def _observe(values: Mapping[str, Any]) -> None:
     """Count a recorded execution in this process's Prometheus metrics (core.metrics); never raises."""
-    global _metrics
-    if _metrics is None:
-        try:
-            from core import metrics as _metrics
-        except Exception:  # telemetry is optional; the ledger is the record
-            log.warning("Prometheus metrics unavailable", exc_info=True)
-            _metrics = False
-    if not _metrics:
-        return
-    _metrics.observe_execution(
+    metrics.observe_execution(
         template=values.get("template_name"), model=values.get("model_name"), source=values.get("source") or "",
         status=values.get("status") or "", prompt_tokens=values.get("prompt_tokens"),
         completion_tokens=values.get("completion_tokens"),
@@ -341,7 +341,7 @@ def free_form_messages(system: str, prompt: str, *,
                        raw: bool = False) -> tuple[list[dict[str, str]] | None, str | None]:
     """(messages, None) of a free-form prompt after an optional system prompt, or raw, (None, the exact prompt text)."""
     if not prompt.strip():
-        raise ValueError("write a prompt to run")
+        raise ExecutionError("write a prompt to run")
     if raw:
         return None, (system + "\n\n" if system.strip() else "") + prompt
     messages = [{"role": "system", "content": system}] if system.strip() else []
@@ -364,12 +364,10 @@ def prepare(pool: ConnectionPool, name: str, variables: Mapping[str, Any] | None
             source: str = "api", user_id: str | None = None, model_id: int | None = None) -> PreparedRun:
     """Render a template (by name + label or version) with variables and resolve its parameters; nothing is
     written. The optional user message is sent as a user turn after the rendered template."""
-    from core import templates
-
     if source not in SOURCES:
-        raise ValueError(f"unknown execution source {source!r}")
+        raise ExecutionError(f"unknown execution source {source!r}")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise ValueError(f"version must be a whole number, got {version!r}")
+        raise ExecutionError(f"version must be a whole number, got {version!r}")
     tv = templates.get_template_by_name(pool, name, label=label, version=version)
     resolve_params(tv.params, params)  # bad parameters fail before rendering
     variables = templates.coerce_variables(tv.input_schema, dict(variables or {}))
@@ -378,7 +376,7 @@ def prepare(pool: ConnectionPool, name: str, variables: Mapping[str, Any] | None
     messages = [dict(m) for m in rendered.messages]
     if user_message is not None:
         if not str(user_message).strip():
-            raise ValueError("the user message is empty")
+            raise ExecutionError("the user message is empty")
         messages.append({"role": "user", "content": str(user_message)})
     origin = Origin.from_rendered(rendered, source, user_id=user_id, model_id=model_id)
     return PreparedRun(origin, messages, resolved, rendered)
@@ -419,23 +417,25 @@ def submit_execution(pool: ConnectionPool, name: str, variables: Mapping[str, An
     The template is rendered and the seed drawn now; `model` names a registered model (default: the default).
     A worker outside the caller's thread runs it: the app's, `promptdev worker`, or `core.worker.start_thread(pool,
     settings)` in this process; `get_execution(id)` reports its status and result (`wait_for_execution` waits)."""
-    from core import models
-
     registered = models.get_model(pool, model) if model is not None else models.default_model(pool)
     prepared = prepare(pool, name, variables, label=label, version=version, params=params,
                        user_message=user_message, source=source, user_id=user_id,
                        model_id=registered.id if registered else None)
     o, p = prepared.origin, prepared.params
+    values = {"source": o.source, "user_id": o.user_id, "template_version_id": o.template_version_id,
+              "template_name": o.template_name, "template_version": o.template_version, "label": o.label,
+              "model_id": o.model_id, "model_name": registered.name if registered else "default",
+              "model_sha256": registered.sha256 if registered else None,
+              "backend": registered.backend if registered else "default",
+              "base_url": registered.base_url if registered else None, "params": jsonb(p.to_dict()), "seed": p.seed,
+              "variables": jsonb(_json_safe(dict(o.variables))), "messages": jsonb(prepared.messages)}
     with pool.connection() as conn:
         return conn.execute(
             "INSERT INTO executions (status, source, user_id, template_version_id, template_name, template_version, "
             "label, model_id, model_name, model_sha256, backend, base_url, params, seed, variables, messages) "
-            "VALUES ('queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (o.source, o.user_id, o.template_version_id, o.template_name, o.template_version, o.label, o.model_id,
-             registered.name if registered else "default", registered.sha256 if registered else None,
-             registered.backend if registered else "default", registered.base_url if registered else None,
-             Jsonb(p.to_dict()), p.seed, Jsonb(_json_safe(dict(o.variables))), Jsonb(prepared.messages)),
-        ).fetchone()[0]
+            "VALUES ('queued', %(source)s, %(user_id)s, %(template_version_id)s, %(template_name)s, "
+            "%(template_version)s, %(label)s, %(model_id)s, %(model_name)s, %(model_sha256)s, %(backend)s, "
+            "%(base_url)s, %(params)s, %(seed)s, %(variables)s, %(messages)s) RETURNING id", values).fetchone()[0]
 
 
 def cancel_execution(pool: ConnectionPool, execution_id: int) -> bool:
@@ -446,24 +446,24 @@ def cancel_execution(pool: ConnectionPool, execution_id: int) -> bool:
         if cur.rowcount:
             return True
         if conn.execute("SELECT 1 FROM executions WHERE id = %s", (execution_id,)).fetchone() is None:
-            raise LookupError(f"no execution with id {execution_id}")
+            raise ExecutionNotFound(f"no execution with id {execution_id}")
         return False
 
 
 def wait_for_execution(pool: ConnectionPool, execution_id: int, timeout: float = 300.0,
                        poll_s: float = 0.05) -> Execution:
-    """Wait until a submitted execution has finished and return it; TimeoutError after timeout seconds."""
+    """Wait until a submitted execution has finished and return it; ExecutionTimeout (a TimeoutError) after timeout
+    seconds."""
     deadline = time.monotonic() + timeout
     while True:
         execution = get_execution(pool, execution_id)
         if execution.done:
             return execution
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"execution {execution_id} is still {execution.status} after {timeout:g} s")
+            raise ExecutionTimeout(f"execution {execution_id} is still {execution.status} after {timeout:g} s")
         time.sleep(poll_s)
 
 
-_LOCK_CLASS = 734_622  # advisory lock class: (class, execution id) is held by the worker running that execution
 _ORPHAN_CHECK_S = 30.0
 _orphans_checked = 0.0
 _orphans_lock = threading.Lock()
@@ -477,11 +477,11 @@ def reap_orphans(pool: ConnectionPool) -> int:
     """Mark as failed the running executions whose worker is gone (no one holds their lock); return how many."""
     reaped = 0
     with pool.connection() as conn, conn.transaction():
-        rows = conn.execute("SELECT id FROM executions WHERE status = 'running' "
-                            "AND claimed_at < clock_timestamp() - interval '1 second' FOR UPDATE SKIP LOCKED").fetchall()
+        rows = conn.execute("SELECT id FROM executions WHERE status = 'running' AND claimed_at < clock_timestamp() "
+                            "- interval '1 second' FOR UPDATE SKIP LOCKED").fetchall()
         for (execution_id,) in rows:
             if conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)",
-                            (_LOCK_CLASS, _lock_key(execution_id))).fetchone()[0]:
+                            (int(LockKey.EXECUTION), _lock_key(execution_id))).fetchone()[0]:
                 conn.execute("UPDATE executions SET status = 'error', finished_at = clock_timestamp(), "
                              "error = 'interrupted: the worker running it stopped before it finished' "
                              "WHERE id = %s", (execution_id,))
@@ -505,9 +505,6 @@ def _maybe_reap(pool: ConnectionPool) -> None:
 def run_next_queued(pool: ConnectionPool, settings: Any) -> bool:
     """Claim the oldest queued execution (FOR UPDATE SKIP LOCKED), run it and record the result in the same row;
     False when nothing was queued. This is the worker's task source."""
-    from core import models
-    from core.worker import worker_id
-
     if pool.closed:  # a worker outliving its pool (at shutdown) has nothing to do
         return False
     with pool.connection() as conn:
@@ -517,7 +514,7 @@ def run_next_queued(pool: ConnectionPool, settings: Any) -> bool:
             if row is None:
                 claimed = None
             else:
-                conn.execute("SELECT pg_advisory_lock(%s, %s)", (_LOCK_CLASS, _lock_key(row[0])))
+                conn.execute("SELECT pg_advisory_lock(%s, %s)", (int(LockKey.EXECUTION), _lock_key(row[0])))
                 with conn.cursor(row_factory=class_row(Execution)) as cur:
                     claimed = cur.execute(
                         "UPDATE executions SET status = 'running', worker = %s, claimed_at = clock_timestamp() "
@@ -526,13 +523,13 @@ def run_next_queued(pool: ConnectionPool, settings: Any) -> bool:
             _maybe_reap(pool)
             return False
         try:
-            _run_claimed(conn, pool, settings, claimed, models)
+            _run_claimed(conn, pool, settings, claimed)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, _lock_key(claimed.id)))
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (int(LockKey.EXECUTION), _lock_key(claimed.id)))
     return True
 
 
-def _run_claimed(conn: Any, pool: ConnectionPool, settings: Any, claimed: Execution, models: Any) -> None:
+def _run_claimed(conn: Any, pool: ConnectionPool, settings: Any, claimed: Execution) -> None:
     generation: Generation | None = None
     status, error, ident = "error", None, {"model_name": claimed.model_name, "backend": claimed.backend,
                                            "model_sha256": claimed.model_sha256, "base_url": claimed.base_url}
@@ -555,22 +552,19 @@ def _run_claimed(conn: Any, pool: ConnectionPool, settings: Any, claimed: Execut
     output = generation.text if generation is not None and status != "error" else None
     values = {**ident, **_usage_values(usage, output, status)}
     conn.execute(
-        "UPDATE executions SET status = %s, output = %s, error = %s, prompt = %s, finished_at = clock_timestamp(), "
-        "model_name = %s, model_sha256 = %s, backend = %s, base_url = %s, "
-        f"model_id = {_MODEL_ID_SQL}, finish_reason = %s, prompt_tokens = %s, completion_tokens = %s, "
-        "ttft_ms = %s, total_ms = %s WHERE id = %s",
-        (status, output, error, generation.prompt if generation is not None else claimed.prompt,
-         values["model_name"], values["model_sha256"], values["backend"], values["base_url"],
-         claimed.model_id, values["model_sha256"], values["base_url"], values["model_name"],
-         values["finish_reason"], values["prompt_tokens"], values["completion_tokens"], values["ttft_ms"],
-         values["total_ms"], claimed.id))
+        "UPDATE executions SET status = %(status)s, output = %(output)s, error = %(error)s, prompt = %(prompt)s, "
+        "finished_at = clock_timestamp(), model_name = %(model_name)s, model_sha256 = %(model_sha256)s, "
+        f"backend = %(backend)s, base_url = %(base_url)s, model_id = {_MODEL_ID_SQL}, "
+        "finish_reason = %(finish_reason)s, prompt_tokens = %(prompt_tokens)s, "
+        "completion_tokens = %(completion_tokens)s, ttft_ms = %(ttft_ms)s, total_ms = %(total_ms)s WHERE id = %(id)s",
+        {**values, "status": status, "output": output, "error": error,
+         "prompt": generation.prompt if generation is not None else claimed.prompt, "model_id": claimed.model_id,
+         "id": claimed.id})
     _observe({**values, "status": status, "source": claimed.source, "template_name": claimed.template_name})
 
 
 def _register_worker_source() -> None:
-    from core import worker
-
-    worker.register_source("executions", run_next_queued)
+    register_source("executions", run_next_queued)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,11 +572,11 @@ def _register_worker_source() -> None:
 
 
 def get_execution(pool: ConnectionPool, execution_id: int) -> Execution:
-    """One execution by id; LookupError when there is none."""
+    """One execution by id; ExecutionNotFound (a LookupError) when there is none."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Execution)) as cur:
         row = cur.execute("SELECT * FROM executions WHERE id = %s", (execution_id,)).fetchone()
     if row is None:
-        raise LookupError(f"no execution with id {execution_id}")
+        raise ExecutionNotFound(f"no execution with id {execution_id}")
     return row
 
 
@@ -660,11 +654,12 @@ def start_rerun(pool: ConnectionPool, backend: Backend, execution_id: int, *, so
     """Begin an exact re-run of a recorded execution: the same messages (or raw prompt), parameters and seed."""
     original = get_execution(pool, execution_id)
     if original.status in ("queued", "running"):
-        raise ValueError(f"execution {execution_id} is still {original.status}; re-run it once it has finished")
+        raise ExecutionStateError(f"execution {execution_id} is still {original.status}; re-run it once it has "
+                                  f"finished")
     if original.messages is None and original.prompt is None:
-        raise ValueError(f"execution {execution_id} recorded no messages or prompt to re-run")
+        raise ExecutionError(f"execution {execution_id} recorded no messages or prompt to re-run")
     if original.seed is None:
-        raise ValueError(f"execution {execution_id} recorded no seed, so it cannot be re-run exactly")
+        raise ExecutionError(f"execution {execution_id} recorded no seed, so it cannot be re-run exactly")
     params = GenerationParams.from_dict(original.params)
     origin = Origin(source=source, user_id=user_id, template_version_id=original.template_version_id,
                     template_name=original.template_name, template_version=original.template_version,
@@ -788,8 +783,6 @@ def _section(text: str, key: str) -> str:
 
 def parse_draft(text: str, task: str, inputs: str | Sequence[str] = ()) -> TemplateDraft:
     """Turn the model's reply into a usable draft, whatever shape it has: JSON, labelled sections or junk."""
-    from core import templates
-
     declared = parse_inputs(inputs)
     names = [n for n, _ in declared]
     data = _find_json(text) or {}
@@ -831,7 +824,7 @@ def draft_template(pool: ConnectionPool, backend: Backend, task: str, inputs: st
     """Ask the model to draft a template for a task and its inputs (the run is recorded); the reply is parsed
     robustly and always gives editable fields."""
     if not task or not task.strip():
-        raise ValueError("describe what the prompt should do")
+        raise ExecutionError("describe what the prompt should do")
     declared = parse_inputs(inputs)
     listing = "\n".join(f"- {n}{': ' + d if d else ''}" for n, d in declared) or "- (none)"
     messages = [{"role": "system", "content": DRAFT_SYSTEM},
@@ -894,10 +887,8 @@ def _figures(conn: Any) -> dict[str, int]:
 
 
 def _register() -> None:
-    from core import status
-
     _register_worker_source()
-    status.register_figures("executions", _figures)
+    register_figures("executions", _figures)
 
 
 _register()

@@ -45,12 +45,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg import sql
-from psycopg.types.json import Jsonb
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from core.config import Settings
+from core.db import LockKey, jsonb
+from core.errors import Conflict, NotFound, Unavailable
 
-_EXPORT_LOCK_KEY = 7_346_221_007  # pg_advisory_lock(key, hashtext(target)): one exporter per exports directory
 MARKER_FILE = ".promptdev-export"  # holds the directory's target id (a UUID)
 REBUILD_FLAG = ".rebuilding"  # present while a full re-export discards the old files
 COMPACT_AT = 16  # a day directory with this many files is merged into one
@@ -67,12 +68,17 @@ TS = pa.timestamp("us")
 I32, I64, F64, STR, BOOL = pa.int32(), pa.int64(), pa.float64(), pa.string(), pa.bool_()
 
 
-class ExportError(RuntimeError):
-    """An export could not be completed; nothing half-written is visible. The message says why."""
+class ExportError(Unavailable):
+    """An export could not be completed (the exports directory is unusable, …); nothing half-written is visible.
+    The message says why. An Unavailable, so a RuntimeError as before."""
 
 
-class ExportBusy(ExportError):
+class ExportBusy(Conflict, ExportError):
     """Another export of the same directory is running."""
+
+
+class TableNotFound(NotFound):
+    """No exported table of that name (a LookupError)."""
 
 
 @dataclass(frozen=True)
@@ -214,11 +220,11 @@ TABLES: tuple[TableSpec, ...] = (EXECUTIONS, CONVERSATION_MESSAGES, INTERVENTION
 
 
 def spec(name: str) -> TableSpec:
-    """The export spec of a table; LookupError naming the known ones otherwise."""
+    """The export spec of a table; TableNotFound (a LookupError) naming the known ones otherwise."""
     for s in TABLES:
         if s.name == name:
             return s
-    raise LookupError(f"no exported table {name!r}; known: {', '.join(s.name for s in TABLES)}")
+    raise TableNotFound(f"no exported table {name!r}; known: {', '.join(s.name for s in TABLES)}")
 
 
 @dataclass(frozen=True)
@@ -293,18 +299,21 @@ def parquet_files(exports_dir: Path, table: str, start: date | None = None, end:
 def target_id(exports_dir: Path) -> str:
     """The identity of an exports directory (created on first use): watermarks are kept per directory."""
     exports_dir = Path(exports_dir)
-    exports_dir.mkdir(parents=True, exist_ok=True)
     marker = exports_dir / MARKER_FILE
-    if not marker.exists():
-        tmp = exports_dir / f"{MARKER_FILE}.{uuid.uuid4().hex}"
-        tmp.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
-        try:
-            os.link(tmp, marker)  # atomic create-if-absent: a concurrent first export agrees on one id
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    text = marker.read_text(encoding="utf-8").strip()
+    try:
+        exports_dir.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            tmp = exports_dir / f"{MARKER_FILE}.{uuid.uuid4().hex}"
+            tmp.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
+            try:
+                os.link(tmp, marker)  # atomic create-if-absent: a concurrent first export agrees on one id
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        text = marker.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ExportError(f"cannot use the exports directory {exports_dir}: {exc.strerror or exc}") from None
     if not text:
         raise ExportError(f"{marker} is empty: delete it to start the exports directory afresh")
     return text
@@ -386,8 +395,8 @@ def _blocks(copy: Any, size: int) -> Iterator[bytes]:
 
 def _select_sql(s: TableSpec, n_ranges: int) -> sql.Composed:
     """Rows above the watermark plus rows in the re-examined pending ranges, with readiness and keep flags."""
-    cols = sql.SQL(", ").join([sql.SQL(c.select) for c in s.columns]
-                              + [sql.SQL(f"({s.ready or 'true'}) AS _ready"), sql.SQL(f"({s.keep or 'true'}) AS _keep")])
+    flags = [sql.SQL(f"({s.ready or 'true'}) AS _ready"), sql.SQL(f"({s.keep or 'true'}) AS _keep")]
+    cols = sql.SQL(", ").join([sql.SQL(c.select) for c in s.columns] + flags)
     source = sql.SQL("{} AS t {}").format(sql.Identifier(s.table), sql.SQL(s.joins))
     ident = sql.SQL("t.{}").format(sql.Identifier(s.id_column))
     query = sql.SQL("SELECT {} FROM {} WHERE {} > %s").format(cols, source, ident)
@@ -609,7 +618,8 @@ def _export_table(conn: Any, root: Path, target: str, s: TableSpec) -> TableExpo
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute("SET LOCAL DateStyle = 'ISO, YMD'")  # SET takes no snapshot
-            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")  # rows in id order; the client is the bottleneck
+            # Rows in id order; the client is the bottleneck.
+            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             # The snapshot is taken by this first query; transactions it cannot see are still running after it.
             blockers = sorted(_active_vxids(conn))
             params: list[Any] = [last_id]
@@ -653,17 +663,19 @@ def _export_table(conn: Any, root: Path, target: str, s: TableSpec) -> TableExpo
     rel = [str(f.relative_to(root)) for f in files]
     with conn.transaction():
         conn.execute(
-            """INSERT INTO export_watermarks (target, table_name, last_id, pending, rows_exported, checked_at, exported_at)
+            """INSERT INTO export_watermarks (target, table_name, last_id, pending, rows_exported, checked_at,
+                                              exported_at)
                VALUES (%(t)s, %(n)s, %(last)s, %(pending)s, %(rows)s, now(), CASE WHEN %(rows)s > 0 THEN now() END)
                ON CONFLICT (target, table_name) DO UPDATE SET
                    last_id = EXCLUDED.last_id, pending = EXCLUDED.pending, checked_at = now(),
                    rows_exported = export_watermarks.rows_exported + EXCLUDED.rows_exported,
                    exported_at = coalesce(EXCLUDED.exported_at, export_watermarks.exported_at)""",
-            {"t": target, "n": s.name, "last": new_last, "pending": Jsonb(new_pending), "rows": writer.rows})
+            {"t": target, "n": s.name, "last": new_last, "pending": jsonb(new_pending), "rows": writer.rows})
         if files:
             conn.execute("INSERT INTO export_runs (id, target, table_name, kind, rows, files, started_at) "
-                         "VALUES (%s, %s, %s, 'export', %s, %s, %s)",
-                         (run_id, target, s.name, writer.rows, Jsonb(rel), started_at))
+                         "VALUES (%(id)s, %(target)s, %(table)s, 'export', %(rows)s, %(files)s, %(started_at)s)",
+                         {"id": run_id, "target": target, "table": s.name, "rows": writer.rows, "files": jsonb(rel),
+                          "started_at": started_at})
     if files:
         _settle(root, rel, [])
         conn.execute("UPDATE export_runs SET settled = true WHERE id = %s", (run_id,))
@@ -688,8 +700,10 @@ def _compact(conn: Any, root: Path, target: str, s: TableSpec, day_dir: Path) ->
     _fsync(_tmp(final))
     rel_new, rel_old = [str(final.relative_to(root))], [str(p.relative_to(root)) for p in parts]
     conn.execute("INSERT INTO export_runs (id, target, table_name, kind, rows, files, replaces, started_at) "
-                 "VALUES (%s, %s, %s, 'compact', %s, %s, %s, %s)",
-                 (run_id, target, s.name, table.num_rows, Jsonb(rel_new), Jsonb(rel_old), started_at))
+                 "VALUES (%(id)s, %(target)s, %(table)s, 'compact', %(rows)s, %(files)s, %(replaces)s, "
+                 "%(started_at)s)",
+                 {"id": run_id, "target": target, "table": s.name, "rows": table.num_rows, "files": jsonb(rel_new),
+                  "replaces": jsonb(rel_old), "started_at": started_at})
     _settle(root, rel_new, rel_old)
     conn.execute("UPDATE export_runs SET settled = true WHERE id = %s", (run_id,))
     return True
@@ -702,7 +716,7 @@ def export_iter(pool: ConnectionPool, settings: Settings | Path, *, tables: Sequ
     root = _exports_dir(settings)
     specs = [spec(n) for n in tables] if tables else list(TABLES)
     target = target_id(root)
-    key = (_EXPORT_LOCK_KEY % 2**31, target)
+    key = (int(LockKey.EXPORT), target)
     with pool.connection() as conn:
         if wait:
             conn.execute("SELECT pg_advisory_lock(%s::int, hashtext(%s))", key)
@@ -715,7 +729,8 @@ def export_iter(pool: ConnectionPool, settings: Settings | Path, *, tables: Sequ
             present = {x.name for x in existing_tables(conn, specs)}
             for s in specs:
                 if s.name not in present:
-                    missing = [t for t in s.tables if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None]
+                    missing = [t for t in s.tables
+                               if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None]
                     yield TableExport(s.name, skipped=f"table {', '.join(missing)} does not exist yet")
                     continue
                 yield _export_table(conn, root, target, s)
@@ -740,8 +755,6 @@ def export(pool: ConnectionPool, settings: Settings | Path, *, tables: Sequence[
 
 def recent_runs(pool: ConnectionPool, settings: Settings | Path, limit: int = 20) -> list[dict[str, Any]]:
     """The latest export and compaction runs of this exports directory, newest first."""
-    from psycopg.rows import dict_row
-
     target = target_id(_exports_dir(settings))
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(

@@ -24,6 +24,9 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
+from core import templates
+from core.errors import Conflict, InvalidInput, NotFound
+
 KINDS = {
     "words": "blocked words",
     "regex": "regular expression",
@@ -44,8 +47,16 @@ PHONE_RE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d
 _DATE_RE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
 
 
-class GuardrailError(ValueError):
+class GuardrailError(InvalidInput):
     """A rule cannot be saved as given; the message says why."""
+
+
+class GuardrailExists(Conflict, GuardrailError):
+    """A rule of that name exists already."""
+
+
+class GuardrailNotFound(NotFound):
+    """No guardrail rule of that name (a LookupError)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +258,7 @@ def _excerpt(rule: Rule, text: str, spans: Sequence[tuple[int, int]]) -> str | N
 def check(rules: Iterable[Rule], text: str, direction: str, template_name: str | None = None) -> Check:
     """Run the rules that apply to (direction, template) over text, in rule order; redactions apply cumulatively."""
     if direction not in ("input", "output"):
-        raise ValueError(f"direction must be input or output, got {direction!r}")
+        raise GuardrailError(f"direction must be input or output, got {direction!r}")
     current, hits = text, []
     for rule in sorted(rules, key=lambda r: r.id):
         if not rule.applies(direction, template_name):
@@ -294,7 +305,8 @@ def validate(name: str, kind: str, *, words: str | Sequence[str] | None = None, 
     """Check a rule's fields; return the normalised column values or raise GuardrailError naming the problem."""
     name = (name or "").strip()
     if not _NAME.match(name):
-        raise GuardrailError("a rule name is 1-80 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit")
+        raise GuardrailError("a rule name is 1-80 letters, digits, spaces, '.', '_' or '-', starting with a letter "
+                             "or digit")
     if kind not in KINDS:
         raise GuardrailError(f"unknown rule kind {kind!r}; choose one of {', '.join(KINDS)}")
     if direction not in DIRECTIONS:
@@ -336,14 +348,13 @@ def create_rule(pool: ConnectionPool, name: str, kind: str, *, words: str | Sequ
                 pattern: str | None = None, max_length: int | None = None, template_name: str | None = None,
                 direction: str = "both", action: str = "block", replacement: str | None = None,
                 created_by: str = "") -> Rule:
-    """Save a new rule (global unless template_name is given); GuardrailError when it is invalid or the name is taken."""
+    """Save a new rule (global unless template_name is given); GuardrailError when it is invalid, GuardrailExists
+    when the name is taken."""
     values = validate(name, kind, words=words, pattern=pattern, max_length=max_length, direction=direction,
                       action=action)
     template_name = (template_name or "").strip() or None
     if template_name is not None:
-        from core import templates
-
-        templates.get_template_by_name(pool, template_name)  # LookupError when there is no such template
+        templates.get_template_by_name(pool, template_name)  # TemplateNotFound when there is no such template
     if replacement is None:
         replacement = DEFAULT_REPLACEMENTS.get(kind, "[redacted]")
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Rule)) as cur:
@@ -351,11 +362,13 @@ def create_rule(pool: ConnectionPool, name: str, kind: str, *, words: str | Sequ
             return cur.execute(
                 f"""INSERT INTO guardrail_rules (name, kind, words, pattern, max_length, template_name, direction,
                                                  action, replacement, created_by)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_RULE_COLUMNS}""",
-                (values["name"], kind, values["words"], values["pattern"], values["max_length"], template_name,
-                 direction, action, replacement, created_by)).fetchone()
+                    VALUES (%(name)s, %(kind)s, %(words)s, %(pattern)s, %(max_length)s, %(template_name)s,
+                            %(direction)s, %(action)s, %(replacement)s, %(created_by)s) RETURNING {_RULE_COLUMNS}""",
+                {"name": values["name"], "kind": kind, "words": values["words"], "pattern": values["pattern"],
+                 "max_length": values["max_length"], "template_name": template_name, "direction": direction,
+                 "action": action, "replacement": replacement, "created_by": created_by}).fetchone()
         except psycopg.errors.UniqueViolation:
-            raise GuardrailError(f"a guardrail rule named {values['name']!r} already exists") from None
+            raise GuardrailExists(f"a guardrail rule named {values['name']!r} already exists") from None
 
 
 def list_rules(pool_or_conn: ConnectionPool | psycopg.Connection, *, enabled_only: bool = False) -> list[Rule]:
@@ -372,16 +385,17 @@ def rules_for(conn: psycopg.Connection, template_name: str | None) -> list[Rule]
     """The enabled rules that apply to a conversation on template_name (global ones and that template's)."""
     with conn.cursor(row_factory=class_row(Rule)) as cur:
         return cur.execute(
-            f"SELECT {_RULE_COLUMNS} FROM guardrail_rules WHERE enabled AND (template_name IS NULL OR template_name = %s)"
+            f"SELECT {_RULE_COLUMNS} FROM guardrail_rules "
+            "WHERE enabled AND (template_name IS NULL OR template_name = %s)"
             " ORDER BY id", (template_name,)).fetchall()
 
 
 def get_rule(pool: ConnectionPool, name: str) -> Rule:
-    """One rule by name; LookupError when there is none."""
+    """One rule by name; GuardrailNotFound (a LookupError) when there is none."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Rule)) as cur:
         row = cur.execute(f"SELECT {_RULE_COLUMNS} FROM guardrail_rules WHERE name = %s", (name,)).fetchone()
     if row is None:
-        raise LookupError(f"no guardrail rule named {name!r}")
+        raise GuardrailNotFound(f"no guardrail rule named {name!r}")
     return row
 
 
@@ -389,7 +403,7 @@ def delete_rule(pool: ConnectionPool, name: str) -> None:
     """Delete a rule; its recorded events stay (they keep the rule's name)."""
     with pool.connection() as conn:
         if conn.execute("DELETE FROM guardrail_rules WHERE name = %s", (name,)).rowcount == 0:
-            raise LookupError(f"no guardrail rule named {name!r}")
+            raise GuardrailNotFound(f"no guardrail rule named {name!r}")
 
 
 def set_enabled(pool: ConnectionPool, name: str, enabled: bool) -> Rule:
@@ -398,7 +412,7 @@ def set_enabled(pool: ConnectionPool, name: str, enabled: bool) -> Rule:
         row = cur.execute(f"UPDATE guardrail_rules SET enabled = %s WHERE name = %s RETURNING {_RULE_COLUMNS}",
                           (bool(enabled), name)).fetchone()
     if row is None:
-        raise LookupError(f"no guardrail rule named {name!r}")
+        raise GuardrailNotFound(f"no guardrail rule named {name!r}")
     return row
 
 
@@ -413,10 +427,14 @@ def record_hits(conn: psycopg.Connection, hits: Sequence[Hit], *, user_id: str |
         ids.append(conn.execute(
             """INSERT INTO guardrail_events (rule_id, rule_name, kind, direction, action, matches, excerpt, user_id,
                                              conversation_id, message_id, execution_id)
-               VALUES ((SELECT id FROM guardrail_rules WHERE id = %s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               VALUES ((SELECT id FROM guardrail_rules WHERE id = %(rule_id)s), %(rule_name)s, %(kind)s,
+                       %(direction)s, %(action)s, %(matches)s, %(excerpt)s, %(user_id)s, %(conversation_id)s,
+                       %(message_id)s, %(execution_id)s)
                RETURNING id""",
-            (h.rule_id, h.rule_name, h.kind, h.direction, h.action, h.matches, h.excerpt, user_id, conversation_id,
-             message_id, execution_id)).fetchone()[0])
+            {"rule_id": h.rule_id, "rule_name": h.rule_name, "kind": h.kind, "direction": h.direction,
+             "action": h.action, "matches": h.matches, "excerpt": h.excerpt, "user_id": user_id,
+             "conversation_id": conversation_id, "message_id": message_id, "execution_id": execution_id}
+        ).fetchone()[0])
     return ids
 
 

@@ -24,8 +24,10 @@ from typing import Any, Mapping, Sequence
 import yaml
 from psycopg_pool import ConnectionPool
 
-from core import datasets, evaluators
+from core import datasets, evaluations, evaluators, models, templates
 from core.config import Settings
+from core.errors import InvalidInput
+from core.llm import GenerationParams
 
 TEXT_SUFFIXES = {".txt", ".md", ".j2", ".jinja", ".jinja2", ".prompt", ""}
 IGNORED_KEYS = {"outputPath", "sharing", "env", "evaluateOptions", "commandLineOptions", "nunjucksFilters",
@@ -33,7 +35,7 @@ IGNORED_KEYS = {"outputPath", "sharing", "env", "evaluateOptions", "commandLineO
 KNOWN_KEYS = {"description", "prompts", "providers", "tests", "defaultTest", "scenarios"} | IGNORED_KEYS
 
 
-class PromptfooError(ValueError):
+class PromptfooError(InvalidInput):
     """The config cannot be imported; the message names the file and the problem."""
 
 
@@ -433,8 +435,6 @@ def load(path: str | Path) -> Suite:
                                                          else path.stem)
     providers, params = _providers(doc.get("providers"), notes)
     try:
-        from core.llm import GenerationParams
-
         GenerationParams.from_dict(params)
     except ValueError as exc:
         raise PromptfooError(f"{path}: provider config: {exc}") from None
@@ -456,8 +456,6 @@ def _map_assert(spec: Any, unsupported: Counter, provider_notes: set[str], regis
 def import_suite(pool: ConnectionPool, settings: Settings, suite: Suite, *, created_by: str = "",
                  name: str | None = None) -> Imported:
     """Create (or update) one template per prompt and a dataset of the tests; return what the run needs."""
-    from core import models, templates
-
     default = models.ensure_default_model_registered(pool, settings)
     registered = {m.name for m in models.list_models(pool)}
     base = _slug(name or suite.name)
@@ -488,7 +486,7 @@ def import_suite(pool: ConnectionPool, settings: Settings, suite: Suite, *, crea
         try:
             tv, _ = templates.update_template(pool, tname, prompt.content, created_by=created_by,
                                               change_description="promptfoo import")
-        except LookupError:
+        except templates.TemplateNotFound:
             tv = templates.create_template(pool, tname, prompt.content, description=description,
                                            category="promptfoo", created_by=created_by,
                                            change_description="imported from promptfoo")
@@ -508,7 +506,7 @@ def _sync_dataset(pool: ConnectionPool, name: str, items: Sequence[datasets.Item
     """Make the dataset hold exactly these items, keeping item ids (and so pairing across runs) where it can."""
     try:
         current = datasets.list_items(pool, name)
-    except LookupError:
+    except datasets.DatasetNotFound:
         datasets.create_dataset(pool, name, description=f"imported from promptfoo {suite.path.name}",
                                 created_by=created_by)
         current = []
@@ -525,8 +523,6 @@ def _sync_dataset(pool: ConnectionPool, name: str, items: Sequence[datasets.Item
 def start(pool: ConnectionPool, settings: Settings, path: str | Path, *, created_by: str = "",
           name: str | None = None) -> tuple[Any, Imported]:
     """Import a promptfoo config and queue its run; (run, import report)."""
-    from core import evaluations
-
     suite = load(path)
     imported = import_suite(pool, settings, suite, created_by=created_by, name=name)
     run = evaluations.create_run(pool, settings, dataset=imported.dataset, templates=imported.template_refs,
