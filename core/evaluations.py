@@ -239,18 +239,6 @@ class VersionSummary(_PassCounts):
 
 # ------------------------------------------------------------------------------------------------------ definition
 
-def _resolve_version(pool: ConnectionPool, ref: str) -> tuple[Any, str | None]:
-    """(TemplateVersion, the label it was chosen by) for a reference."""
-    from core import templates
-
-    name, label, version = templates.parse_ref(ref)
-    tv = templates.get_template_by_name(pool, name, label=label, version=version)
-    if label is None and version is None:
-        labels = templates.get_labels(pool, name)
-        label = "production" if labels.get("production") == tv.version else "latest"
-    return tv, label
-
-
 def template_choices(pool: ConnectionPool, *, versions: int = 10) -> list[str]:
     """References to offer for a run: per active template its labels, `@latest` and its newest versions."""
     refs: list[str] = []
@@ -311,8 +299,8 @@ def create_run(pool: ConnectionPool, settings: Settings, *, dataset: str, templa
     else:
         versions = []
         for ref in refs:
-            tv, label = _resolve_version(pool, ref)
-            versions.append((ref, tv, label))
+            resolved = tmpl.resolve(pool, ref)  # the version and the label that chose it, in one query
+            versions.append((ref, resolved.version, resolved.label))
     seen: set[int] = set()
     for ref, tv, _ in versions:
         if tv.id in seen:

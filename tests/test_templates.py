@@ -206,6 +206,30 @@ def test_fetch_by_name_label_and_version(pool):
     assert tpl.get_labels(pool, "t") == {"production": 1, "staging": 2, "latest": 3}
 
 
+def test_resolve_gives_the_version_and_the_label_that_chose_it(pool):
+    tpl.create_template(pool, "t", "one")
+    tpl.update_template(pool, "t", "two")
+    tpl.update_template(pool, "t", "three")
+    assert (tpl.resolve(pool, "t").version.version, tpl.resolve(pool, "t").label) == (3, "latest")
+    tpl.set_label(pool, "t", "production", 1)
+    tpl.set_label(pool, "t", "staging", 2)
+    resolved = tpl.resolve(pool, "t")
+    assert resolved == tpl.Resolved(tpl.get_template_by_name(pool, "t", version=1), "production")
+    assert [(r.version.version, r.label) for r in (tpl.resolve(pool, ref) for ref in
+                                                  ("t@staging", "t@latest", "t@2", " t@production "))] == [
+        (2, "staging"), (3, "latest"), (2, None), (1, "production")]
+    tpl.deactivate_template(pool, "t")
+    assert tpl.resolve(pool, "t@3").version.text == "three"  # inactive templates still resolve
+    with pytest.raises(tpl.TemplateNotFound, match="has no label 'canary'"):
+        tpl.resolve(pool, "t@canary")
+    with pytest.raises(tpl.TemplateNotFound, match=r"has no version 9 \(latest is 3\)"):
+        tpl.resolve(pool, "t@9")
+    with pytest.raises(tpl.TemplateNotFound, match="no template named 'zzz'"):
+        tpl.resolve(pool, "zzz")
+    with pytest.raises(tpl.TemplateError, match="is not a template reference"):
+        tpl.resolve(pool, "Bad Name")
+
+
 def test_label_moves_are_recorded(pool):
     tpl.create_template(pool, "t", "one")
     tpl.update_template(pool, "t", "two")
@@ -608,3 +632,26 @@ def test_api_misuse_is_a_typed_one_line_error(pool, call, message):
     with pytest.raises(tpl.TemplateError, match=message):
         call(pool)
     assert [t.name for t in tpl.list_templates(pool).items] == ["t"]
+
+
+# -- the error contract ----------------------------------------------------------------------------------------
+
+
+def test_template_errors_are_each_of_one_contract_kind():
+    from core import errors
+
+    kinds = {tpl.TemplateNotFound: errors.NotFound, tpl.TemplateExists: errors.Conflict,
+             tpl.TemplateInactive: errors.Conflict, tpl.InvalidTemplateInput: errors.InvalidInput,
+             tpl.TemplateSyntaxError: errors.InvalidInput, tpl.IncludeError: errors.InvalidInput,
+             tpl.RenderError: errors.InvalidInput, tpl.MissingVariables: errors.InvalidInput,
+             tpl.InvalidVariables: errors.InvalidInput, tpl.RenderLimitExceeded: errors.InvalidInput,
+             tpl.SandboxViolation: errors.InvalidInput}
+
+    def subclasses(cls: type) -> set[type]:
+        return {c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))}
+
+    assert subclasses(tpl.TemplateError) == set(kinds)
+    for cls, kind in kinds.items():
+        assert issubclass(cls, ValueError) and issubclass(cls, errors.PromptDevError)
+        assert [k for k in errors.KINDS if issubclass(cls, k)] == [kind] and cls.status == kind.status, cls
+    assert issubclass(tpl.TemplateNotFound, LookupError)

@@ -3,13 +3,18 @@ values that contain template syntax, composition by reference (cycles, depth) an
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from core import templates as tpl
 from core.templates import RenderLimits, render_string
-
 
 # -- the language -------------------------------------------------------------------------------------------------
 
@@ -557,3 +562,44 @@ def test_format_strings_are_checked_in_linear_time(source):
     kind, text, seconds = render_isolated(source)
     assert kind == "RenderError" and seconds < 5, (kind, text, seconds)
     assert text.startswith("line 1: ") and "format" in text
+
+
+# -- the sandbox stands alone: no database import ------------------------------------------------------------------
+
+
+def test_the_sandbox_modules_import_nothing_of_the_database():
+    package = Path(tpl.__file__).parent
+    for part in ("sandbox", "budget", "types", "errors"):  # the sandbox and the modules it is built on
+        tree = ast.parse((package / f"{part}.py").read_text(encoding="utf-8"))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {"." * node.level + (node.module or "") for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom)}
+        database = {m for m in imported if m.split(".")[0] in ("psycopg", "psycopg_pool") or m == "core.db"
+                    or m.lstrip(".") in ("store", "render", "interchange", "diff", "content")}
+        assert not database, (part, database)
+
+
+def test_the_sandbox_renders_without_the_database_modules():
+    """Loaded without the package's __init__ (which re-exports the store), the sandbox compiles and renders, and
+    neither psycopg_pool, core.db nor the store is imported. (psycopg itself is loaded by core.errors, the error
+    contract every module shares, for its OperationalError.)"""
+    code = textwrap.dedent("""
+        import json, sys, types
+        from pathlib import Path
+        import core
+        package = types.ModuleType("core.templates")  # the package without its __init__
+        package.__path__ = [str(Path(core.__file__).parent / "templates")]
+        sys.modules["core.templates"] = package
+        from core.templates import budget, sandbox
+        from core.templates.types import RenderLimits
+        b = budget._Budget(RenderLimits())
+        budget._BUDGET.set(b)
+        print(json.dumps([sandbox._run(sandbox._compile("Hi {{ name }}"), {"name": "Ada"}, b, ""),
+                          sorted(m for m in sys.modules if m.startswith(("psycopg_pool", "core.")))]))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    rendered, loaded = json.loads(result.stdout)
+    assert rendered == "Hi Ada"
+    assert not [m for m in loaded if m.startswith("psycopg_pool") or m in ("core.db", "core.templates.store")], loaded
