@@ -1,12 +1,19 @@
-"""Model backends: the in-process llama.cpp model (one per process, under a lock) and OpenAI-compatible servers.
+"""Model backends: the in-process llama.cpp model and OpenAI-compatible servers, and the registry that shares them.
 
 Every backend generates from chat messages or a raw prompt as an iterator of text chunks; when the iterator is
 exhausted its `usage` holds token counts, time to first token, total time and the finish reason.
+
+A `ModelSpec` says everything a backend is built from (a GGUF file and how it is loaded, or a server and how it is
+called); `backend_for_spec` returns the one backend of the process for a spec, building it on first use, and
+`get_backend(settings)` is the backend of the spec the settings describe. At most `max_loaded_models` in-process models
+keep their weights in memory: loading one more frees the least recently used idle one, and `unload(spec)` frees one
+and forgets it (see `LlamaBackend` for when memory is freed while a generation runs).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import logging
 import os
@@ -16,26 +23,52 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from core import chat_formats
 from core.chat_formats import ChatFormatError, Segment
 from core.config import MAX_EVAL_BATCH, Settings, default_model_path
+from core.errors import InvalidInput, TooLarge, Unavailable
 from core.model_files import ModelFileError, check_gguf, file_sha256
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+IN_PROCESS, SERVER = "llama_cpp", "openai"  # a GGUF loaded in this process; an OpenAI-compatible server
 
 log = logging.getLogger(__name__)
 
 
-class GenerationError(RuntimeError):
-    """Generation failed; the message says why in one line."""
+class GenerationError(Unavailable):
+    """Generation failed; the message says why in one line.
+
+    The family of the model's errors: by itself the model could not serve the request (Unavailable, 503); the
+    subclasses that name another kind first are of that kind (`PromptTooLong` is TooLarge, `InvalidRequest`
+    InvalidInput)."""
 
 
 class BackendUnavailable(GenerationError):
-    """The backend could not be reached after all retries."""
+    """The model cannot serve now: a server that does not answer after all retries, a model file that is missing
+    or does not load, a model that was unloaded, a failed decode."""
+
+
+class ModelFileUnavailable(BackendUnavailable, ModelFileError):
+    """The in-process model's GGUF is missing or does not load (Unavailable; still a ModelFileError)."""
+
+
+class InvalidRequest(InvalidInput, GenerationError):
+    """The request cannot be generated from as given: no messages or both kinds of input, messages the chat format
+    refuses, a request a server rejects as malformed."""
+
+
+class PromptTooLong(TooLarge, GenerationError):
+    """The prompt does not fit the model's context."""
+
+
+class ParameterError(InvalidInput):
+    """A sampling parameter or a backend setting is out of range; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +90,7 @@ class GenerationParams:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+            raise ParameterError(f"unknown parameter(s): {', '.join(unknown)}")
         if "stop" in data:
             stop = data["stop"]
             if stop is None:
@@ -73,24 +106,24 @@ class GenerationParams:
                 seed=None if params.seed is None else int(params.seed),
                 repeat_penalty=float(params.repeat_penalty))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid parameter: {exc}") from None
+            raise ParameterError(f"invalid parameter: {exc}") from None
         params.check()
         return params
 
     def check(self) -> None:
-        """Raise ValueError naming the first out-of-range parameter."""
+        """Raise ParameterError (an InvalidInput) naming the first out-of-range parameter."""
         if not 0.0 <= self.temperature <= 5.0:
-            raise ValueError(f"temperature must be between 0 and 5, got {self.temperature}")
+            raise ParameterError(f"temperature must be between 0 and 5, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParameterError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (off) or more, got {self.top_k}")
+            raise ParameterError(f"top_k must be 0 (off) or more, got {self.top_k}")
         if not 1 <= self.max_tokens <= 32768:
-            raise ValueError(f"max_tokens must be between 1 and 32768, got {self.max_tokens}")
+            raise ParameterError(f"max_tokens must be between 1 and 32768, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be between 0 and 2^32-1, got {self.seed}")
+            raise ParameterError(f"seed must be between 0 and 2^32-1, got {self.seed}")
         if not 0.0 < self.repeat_penalty <= 5.0:
-            raise ValueError(f"repeat_penalty must be in (0, 5], got {self.repeat_penalty}")
+            raise ParameterError(f"repeat_penalty must be in (0, 5], got {self.repeat_penalty}")
 
     def with_seed(self) -> "GenerationParams":
         """These parameters with a concrete seed (drawn at random when unset)."""
@@ -235,12 +268,19 @@ class Backend:
         """Facts about the backend for display and for the ledger."""
         raise NotImplementedError
 
+    def release_memory(self) -> bool:
+        """Free what the backend holds in memory if it is idle (it loads again on next use); True when freed."""
+        return False
+
+    def close(self) -> None:
+        """Release the backend for good (see `unload`)."""
+
 
 def _check_request(messages: Sequence[Mapping[str, str]] | None, prompt: str | None) -> None:
     if (messages is None) == (prompt is None):
-        raise GenerationError("give either chat messages or a raw prompt")
+        raise InvalidRequest("give either chat messages or a raw prompt")
     if messages is not None and not messages:
-        raise GenerationError("no messages to send")
+        raise InvalidRequest("no messages to send")
 
 
 class _StopMatcher:
@@ -281,9 +321,7 @@ class _Decoder:
     """Turns sampled tokens into text for one generation: end of generation, budget, stop sequences, UTF-8."""
 
     def __init__(self, llm: Any, params: GenerationParams, n_prompt: int, n_ctx: int, usage: Usage, started: float):
-        import llama_cpp
-
-        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._is_eog = _llama_cpp().llama_vocab_is_eog
         self.llm, self.vocab, self.usage, self.started = llm, llm._model.vocab, usage, started
         self.budget = min(params.max_tokens, n_ctx - n_prompt)
         self.stopper = _StopMatcher(params.stop)
@@ -347,8 +385,45 @@ def _aligned(cached: Sequence[int], tokens: Sequence[int], n_batch: int) -> int:
     return _common_prefix(cached, tokens[:-1]) // n_batch * n_batch
 
 
-_loaded: "weakref.WeakSet[LlamaBackend]" = weakref.WeakSet()
+_loaded: "weakref.WeakSet[LlamaBackend]" = weakref.WeakSet()  # every in-process backend: freed at exit
 _load_lock = threading.Lock()
+_native_log = logging.getLogger("core.llm.llama_cpp")
+_native_log_lock = threading.Lock()
+_native_log_callback: Any = None  # the ctypes callback llama.cpp calls: kept here so it is never garbage-collected
+_native_partial = ""
+
+
+def _forward_native_log(level: int, text: bytes | None, user_data: Any) -> None:
+    """llama.cpp's and ggml's log lines -> Python logging at DEBUG, one record a line (never the terminal)."""
+    global _native_partial
+    try:
+        _native_partial += (text or b"").decode("utf-8", "replace")
+        *lines, _native_partial = _native_partial.split("\n")
+        if len(_native_partial) > 4096:
+            lines.append(_native_partial)
+            _native_partial = ""
+        for line in lines:
+            if line.strip():
+                _native_log.debug("%s", line.rstrip())
+    except Exception:  # an exception must not cross into C
+        pass
+
+
+def _llama_cpp() -> Any:
+    """The llama_cpp package, with llama.cpp's own logging routed to Python logging (installed once)."""
+    global _native_log_callback
+    # Imported on first use, not at module top: it loads the native library, which most commands never need.
+    import llama_cpp
+
+    if _native_log_callback is None:
+        with _native_log_lock:
+            if _native_log_callback is None:
+                # llama_cpp installs a callback at import that prints to stderr (and misreads the log levels, so
+                # warnings such as "llama_kv_cache_iswa: using full-size SWA cache" pass its verbose=False filter).
+                callback = llama_cpp.llama_log_callback(_forward_native_log)
+                llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+                _native_log_callback = callback
+    return llama_cpp
 
 
 def _load_llama(**kwargs: Any) -> Any:
@@ -359,8 +434,8 @@ def _load_llama(**kwargs: Any) -> Any:
     gives every sequence the bytes it gets alone. llama-cpp-python has no argument for it, so its default model
     parameters are wrapped while this model loads.
     """
-    import llama_cpp.llama_cpp as lib
-    from llama_cpp import Llama
+    llama_cpp = _llama_cpp()
+    lib = llama_cpp.llama_cpp
 
     with _load_lock:
         defaults = lib.llama_model_default_params
@@ -372,7 +447,7 @@ def _load_llama(**kwargs: Any) -> Any:
 
         lib.llama_model_default_params = no_repack
         try:
-            return Llama(**kwargs)
+            return llama_cpp.Llama(**kwargs)
         finally:
             lib.llama_model_default_params = defaults
 
@@ -382,10 +457,7 @@ def _free_models() -> None:
     """Free loaded models while the interpreter still works (llama_cpp's own __del__ fails at shutdown)."""
     for backend in list(_loaded):
         try:
-            if backend._batch is not None:  # its context uses the model's weights: freed first
-                backend._batch.close()
-                backend._batch = None
-            backend.llm.close()
+            backend._free()
         except Exception:
             pass
 
@@ -404,40 +476,149 @@ class LlamaBackend(Backend):
     Determinism: the batch size is fixed (n_batch == n_ubatch) and a cached prompt prefix is reused only up to a
     multiple of it, so the same messages, parameters and seed give the same bytes whatever ran before. Only prompt
     tokens are reused: generated ones were evaluated one at a time, by other kernels than a prompt block.
+
+    Memory: the weights, the model's context and the batch context are held while the backend is *resident*. Every
+    use of them (tokenizing, a generation from its first chunk to its end or close(), a batch) holds a lease, and
+    memory is only ever freed when no lease is held: `release_memory()` frees an idle backend (the registry does so
+    for the least recently used one) and the next use loads the file again, transparently; `close()` frees it for
+    good, at once when idle or when the last lease ends, and later use raises BackendUnavailable.
     """
 
-    kind = "llama_cpp"
+    kind = IN_PROCESS
 
     def __init__(self, model_path: Path, *, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 64,
                  chat_format: str = "auto", name: str | None = None, max_batch: int = 4):
         model_path = Path(model_path)
-        check_gguf(model_path)
         if not 1 <= max_batch <= MAX_BATCH:
-            raise ValueError(f"max_batch must be between 1 and {MAX_BATCH}, got {max_batch}")
-        started = time.perf_counter()
-        try:
-            self.llm = _load_llama(
-                model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=n_threads or available_cpus(), verbose=False, seed=0)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"could not load model {model_path}: {exc}") from None
-        self.load_s = time.perf_counter() - started
-        _loaded.add(self)
+            raise ParameterError(f"max_batch must be between 1 and {MAX_BATCH}, got {max_batch}")
         self.model_path = model_path
         self.name = name or model_path.stem
-        self.n_ctx = self.llm.n_ctx()
-        self.n_batch = self.llm.n_batch
-        self.n_threads = self.llm.context_params.n_threads
-        self.lock = threading.Lock()
-        meta = self.llm.metadata
-        self.architecture = meta.get("general.architecture", "")
-        self.gguf_template = meta.get("tokenizer.chat_template")
-        self.chat_format = self._choose_format(chat_format, meta)
-        self._formatter = self._make_formatter()
-        self._sha256: str | None = None
-        self.max_batch = max_batch
+        self._load_kwargs = dict(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                 n_threads=n_threads or available_cpus(), verbose=False, seed=0)
+        # Guards the lease count and what is loaded; never held while loading. Re-entrant: a generation finalized by
+        # the garbage collector while this thread frees memory ends its lease here.
+        self._state = threading.RLock()
+        self._reload_lock = threading.Lock()
+        self._leases = 0
+        self._closed = False
+        self._registry: _Registry | None = None  # set, with the spec, when the registry built this backend
+        self._spec: ModelSpec | None = None
+        self._llm: Any = None
         self._batch: _BatchState | None = None
         self._prompt_len = 0  # of the tokens in the model's cache, how many were evaluated as the last prompt
+        self.loads = 0
+        self._llm = self._load()
+        self.lock = threading.Lock()
+        try:
+            self.n_ctx = self._llm.n_ctx()
+            self.n_batch = self._llm.n_batch
+            self.n_threads = self._llm.context_params.n_threads
+            meta = self._llm.metadata
+            self.architecture = meta.get("general.architecture", "")
+            self.gguf_template = meta.get("tokenizer.chat_template")
+            self.chat_format = self._choose_format(chat_format, meta)
+            self._formatter = self._make_formatter()
+        except BaseException:
+            self._free()
+            raise
+        self._sha256: str | None = None
+        self.max_batch = max_batch
+
+    def _load(self) -> Any:
+        """Load the weights and the model's context; ModelFileUnavailable when the file is missing or unloadable."""
+        path = self.model_path
+        try:
+            check_gguf(path)
+        except ModelFileError as exc:
+            raise ModelFileUnavailable(str(exc)) from None
+        started = time.perf_counter()
+        try:
+            llm = _load_llama(**self._load_kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelFileUnavailable(f"could not load model {path}: {exc}") from None
+        self.load_s = time.perf_counter() - started
+        self.loads += 1
+        _loaded.add(self)
+        log.info("loaded %s (%s, context %s) in %.1f s", self.name, path, self._load_kwargs["n_ctx"], self.load_s)
+        return llm
+
+    @property
+    def llm(self) -> Any:
+        """The `Llama` (loaded again if its memory was released). Hold `lease()` while using it from several
+        threads: outside a lease the registry may release it."""
+        with self.lease() as llm:
+            return llm
+
+    @property
+    def resident(self) -> bool:
+        """True while the weights are in memory."""
+        return self._llm is not None
+
+    @property
+    def in_use(self) -> bool:
+        """True while a lease is held (a generation or a tokenization is running)."""
+        return self._leases > 0
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called: the backend will not load again."""
+        return self._closed
+
+    @contextmanager
+    def lease(self) -> Iterator[Any]:
+        """Hold the model in memory for the block (loading it again first if it was released); yields the `Llama`.
+
+        While any lease is held, neither the registry nor close() frees the memory."""
+        with self._state:
+            if self._closed:
+                raise BackendUnavailable(f"model {self.name!r} was unloaded")
+            self._leases += 1
+        try:
+            if self._registry is not None:
+                self._registry.touch(self)
+            if self._llm is None:
+                with self._reload_lock:
+                    if self._llm is None:
+                        self._llm = self._registry.reload(self) if self._registry is not None else self._load()
+            yield self._llm
+        finally:
+            with self._state:
+                self._leases -= 1
+                idle = self._leases == 0
+                free_now = idle and self._closed
+            if free_now:
+                self._free()
+            elif idle and self._registry is not None:
+                self._registry.trim()
+
+    def release_memory(self) -> bool:
+        """Free the weights and contexts if no lease is held (the next use loads them again); True when freed."""
+        with self._state:
+            if self._leases:
+                return False
+            return self._free_unlocked()
+
+    def close(self) -> None:
+        """Free the model for good: now if idle, else when the running generation ends; further use raises
+        BackendUnavailable. (`unload(spec)` does this for a backend the registry built.)"""
+        with self._state:
+            self._closed = True
+            if not self._leases:
+                self._free_unlocked()
+
+    def _free(self) -> None:
+        with self._state:
+            self._free_unlocked()
+
+    def _free_unlocked(self) -> bool:
+        llm, batch = self._llm, self._batch
+        self._llm, self._batch, self._prompt_len = None, None, 0
+        if batch is not None:  # its context uses the model's weights: freed first
+            batch.close()
+        if llm is not None:
+            llm.close()
+            log.info("freed %s (%s)", self.name, self.model_path)
+        return llm is not None
 
     def _choose_format(self, configured: str, meta: Mapping[str, str]) -> str:
         if configured not in ("auto", ""):
@@ -452,9 +633,10 @@ class LlamaBackend(Backend):
         if self.chat_format == "gguf":
             if not self.gguf_template:
                 raise ChatFormatError(f"{self.model_path} has no chat template of its own; set PROMPTDEV_CHAT_FORMAT")
-            vocab = self.llm._model
-            bos = vocab.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
-            eos = vocab.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+            llm = self._llm  # called while loading: resident
+            vocab = llm._model
+            bos = vocab.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+            eos = vocab.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
             return chat_formats.GGUFTemplateFormatter(self.gguf_template, bos, eos)
         return chat_formats.BUILTIN[self.chat_format]
 
@@ -487,21 +669,25 @@ class LlamaBackend(Backend):
     def tokenize_segments(self, segments: Sequence[Segment]) -> list[int]:
         """Tokens of a formatted prompt: markup may hold special tokens, content never does."""
         tokens: list[int] = []
-        for seg in segments:
-            tokens += self.llm.tokenize(seg.text.encode("utf-8"), add_bos=False, special=seg.special)
+        with self.lease() as llm:
+            for seg in segments:
+                tokens += llm.tokenize(seg.text.encode("utf-8"), add_bos=False, special=seg.special)
         return tokens
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
         """Tokens of a raw prompt, with BOS when the model wants one."""
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        with self.lease() as llm:
+            return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens text takes (no BOS)."""
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        with self.lease() as llm:
+            return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def _prepare(self, messages: Sequence[Mapping[str, str]] | None, prompt: str | None,
                  params: GenerationParams | None) -> tuple[str, list[int], GenerationParams]:
-        """The prompt text, its tokens and the parameters with a seed; GenerationError when it cannot run."""
+        """The prompt text, its tokens and the parameters with a seed; InvalidRequest or PromptTooLong when it cannot
+        run."""
         _check_request(messages, prompt)
         params = (params or GenerationParams()).with_seed()
         try:
@@ -511,28 +697,28 @@ class LlamaBackend(Backend):
             else:
                 text, tokens = prompt, self.tokenize_prompt(prompt)
         except ChatFormatError as exc:
-            raise GenerationError(str(exc)) from None
+            raise InvalidRequest(str(exc)) from None
         if len(tokens) + 1 > self.n_ctx:
-            raise GenerationError(
+            raise PromptTooLong(
                 f"the prompt takes {len(tokens)} tokens; the model's context holds {self.n_ctx}")
         return text, tokens, params
 
     def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
                  params: GenerationParams | None = None) -> Generation:
-        """Stream a completion; the model is locked from the first chunk until the end or close()."""
+        """Stream a completion; the model is locked (and leased) from the first chunk until the end or close()."""
         text, tokens, params = self._prepare(messages, prompt, params)
         usage = Usage(prompt_tokens=len(tokens))
         return Generation(self._stream(tokens, params, usage), text, params, usage)
 
     def _aligned_prefix(self, tokens: Sequence[int]) -> int:
         """How much of the cache can be kept: the common prefix with the cached prompt, cut to a multiple of n_batch."""
-        cached = self.llm.input_ids[: min(self.llm.n_tokens, self._prompt_len)]
+        llm = self.llm
+        cached = llm.input_ids[: min(llm.n_tokens, self._prompt_len)]
         return _aligned(cached, tokens, self.n_batch)
 
     def _stream(self, tokens: list[int], params: GenerationParams, usage: Usage) -> Iterator[str]:
         started = time.perf_counter()
-        with self.lock:
-            llm = self.llm
+        with self.lease() as llm, self.lock:
             try:
                 llm.n_tokens = self._aligned_prefix(tokens)
                 self._prompt_len = len(tokens)
@@ -556,9 +742,10 @@ class LlamaBackend(Backend):
 
     def _sampler(self, params: GenerationParams) -> Any:
         """The sampler chain `generate` builds for these parameters (same order, same seed)."""
-        self.llm.set_seed(params.seed)
-        return self.llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
-                                      repeat_penalty=params.repeat_penalty)
+        llm = self._llm  # under the lease generate_many holds
+        llm.set_seed(params.seed)
+        return llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
+                                 repeat_penalty=params.repeat_penalty)
 
     def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
         """Run several generations to the end, decoding up to `max_batch` of them together.
@@ -566,8 +753,13 @@ class LlamaBackend(Backend):
         Every output is byte-identical to what `generate` gives for the same request alone: each sequence has its
         own KV stream laid out as in a lone run, reuses a cached prefix only up to a multiple of n_batch, evaluates
         the rest of its prompt in the same blocks, and a decoding batch holds at most MAX_BATCH tokens (llama.cpp
-        multiplies larger batches with other kernels). Prompts that do not fit a batch slot run alone.
+        multiplies larger batches with other kernels). Prompts that do not fit a batch slot run alone. The model is
+        leased for the whole call.
         """
+        with self.lease():
+            return self._generate_many(requests)
+
+    def _generate_many(self, requests: Sequence[Request]) -> list[Generation]:
         out: list[Generation | None] = [None] * len(requests)
         jobs: list[_Job] = []
         for i, req in enumerate(requests):
@@ -649,10 +841,9 @@ class _BatchState:
     """
 
     def __init__(self, backend: LlamaBackend, slot_ctx: int):
-        import llama_cpp
-        from llama_cpp import _internals
+        llama_cpp = _llama_cpp()
 
-        self.lib, self.backend, self.llm = llama_cpp, backend, backend.llm
+        self.lib, self.backend, self.llm = llama_cpp, backend, backend._llm  # under the lease generate_many holds
         self.n_batch, self.slots = backend.n_batch, backend.max_batch
         params = llama_cpp.llama_context_default_params()
         for name, _ in llama_cpp.llama_context_params._fields_:
@@ -661,9 +852,9 @@ class _BatchState:
         params.kv_unified = False
         params.n_ctx = slot_ctx * (self.slots + 1)
         try:
-            self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+            self.ctx = llama_cpp._internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
         except (ValueError, RuntimeError) as exc:
-            raise GenerationError(f"could not set up batched decoding: {exc}") from None
+            raise BackendUnavailable(f"could not set up batched decoding: {exc}") from None
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(max(self.n_batch, self.slots), 0, 1)
         self.held: list[int] = []                        # tokens of the shared prefix in sequence 0
@@ -682,7 +873,7 @@ class _BatchState:
             batch.seq_id[k][0] = seq
         code = self.lib.llama_decode(self.ctx.ctx, batch)
         if code != 0:
-            raise GenerationError(f"batched decoding failed (llama_decode returned {code})")
+            raise BackendUnavailable(f"batched decoding failed (llama_decode returned {code})")
 
     def _eval(self, seq: int, tokens: Sequence[int], start: int) -> int:
         """Evaluate tokens from position start in n_batch blocks (logits on each block's last); last block's size."""
@@ -797,7 +988,12 @@ class OpenAIBackend(Backend):
                 if exc.code == 429 or exc.code >= 500:
                     last_error = f"HTTP {exc.code} {detail}"
                     continue
-                raise GenerationError(f"{self.base_url} refused the request: HTTP {exc.code} {detail}") from None
+                refused = f"{self.base_url} refused the request: HTTP {exc.code} {detail}"
+                if exc.code == 413:
+                    raise PromptTooLong(refused) from None
+                if exc.code in (400, 422):
+                    raise InvalidRequest(refused) from None
+                raise BackendUnavailable(refused) from None  # 401, 403, 404: not usable as configured
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 last_error = f"{reason}"
@@ -841,7 +1037,7 @@ class OpenAIBackend(Backend):
                 try:
                     event = json.loads(payload)
                 except json.JSONDecodeError:
-                    raise GenerationError(f"{self.base_url} sent a malformed event: {payload[:80]}") from None
+                    raise BackendUnavailable(f"{self.base_url} sent a malformed event: {payload[:80]}") from None
                 if event.get("usage"):
                     usage.prompt_tokens = event["usage"].get("prompt_tokens", usage.prompt_tokens)
                     usage.completion_tokens = event["usage"].get("completion_tokens", usage.completion_tokens)
@@ -855,7 +1051,7 @@ class OpenAIBackend(Backend):
                     if choice.get("finish_reason"):
                         usage.finish_reason = choice["finish_reason"]
         except (OSError, TimeoutError) as exc:
-            raise GenerationError(f"{self.base_url} stopped answering mid-stream: {exc}") from None
+            raise BackendUnavailable(f"{self.base_url} stopped answering mid-stream: {exc}") from None
         finally:
             response.close()
             usage.total_s = time.perf_counter() - started
@@ -876,28 +1072,195 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
         return exc.reason or ""
 
 
-_backends: dict[tuple, Backend] = {}
-_backends_lock = threading.Lock()
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a backend is built from; equal specs share one backend (see `backend_for_spec`).
+
+    In-process (`kind` "llama_cpp"): the GGUF `path`, `n_ctx`, `n_threads` (0: every CPU), `n_batch`, `chat_format`
+    and `eval_batch` (sequences decoded together). Server (`kind` "openai"): `base_url`, the server's `model`, the
+    name of the environment variable holding the key (`api_key_env`), `timeout` and `max_retries`. Fields of the
+    other kind keep their defaults, so they never tell two specs apart. `name` is what the backend is called in the
+    ledger. `api_key` is the key itself when the settings hold it: never shown, and not part of what identifies a
+    spec.
+    """
+
+    kind: str
+    name: str
+    n_ctx: int = 4096
+    path: str | None = None
+    n_threads: int = 0
+    n_batch: int = 64
+    chat_format: str = "auto"
+    eval_batch: int = 4
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout: float = 120.0
+    max_retries: int = 4
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def in_process(cls, path: str | Path, settings: Settings, *, name: str | None = None, n_ctx: int | None = None,
+                   chat_format: str | None = None) -> "ModelSpec":
+        """A GGUF loaded in this process, with the settings' threads, batch sizes (n_batch at most n_ctx) and, unless
+        given, their context size and chat format."""
+        path = Path(path).expanduser().resolve()
+        n_ctx = settings.n_ctx if n_ctx is None else n_ctx
+        return cls(kind=IN_PROCESS, name=name or path.stem, n_ctx=n_ctx, path=str(path), n_threads=settings.n_threads,
+                   n_batch=min(settings.n_batch, n_ctx), eval_batch=settings.eval_batch,
+                   chat_format=settings.chat_format if chat_format is None else chat_format)
+
+    @classmethod
+    def server(cls, base_url: str, model: str, settings: Settings, *, name: str | None = None,
+               n_ctx: int | None = None, api_key_env: str | None = None, api_key: str | None = None) -> "ModelSpec":
+        """A model on an OpenAI-compatible server, called with the settings' timeout and retries."""
+        return cls(kind=SERVER, name=name or model, n_ctx=settings.n_ctx if n_ctx is None else n_ctx,
+                   base_url=base_url.rstrip("/"), model=model, api_key_env=api_key_env, timeout=settings.openai_timeout,
+                   max_retries=settings.openai_max_retries, api_key=api_key)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelSpec":
+        """The model the settings configure: PROMPTDEV_MODEL_PATH (or the default GGUF), or the OpenAI-compatible
+        server when PROMPTDEV_BACKEND=openai (its key from PROMPTDEV_OPENAI_API_KEY, else $OPENAI_API_KEY)."""
+        if settings.backend == SERVER:
+            key_env = "PROMPTDEV_OPENAI_API_KEY" if settings.openai_api_key else "OPENAI_API_KEY"
+            return cls.server(settings.openai_base_url, settings.openai_model, settings, api_key_env=key_env,
+                              api_key=settings.openai_api_key or os.environ.get("OPENAI_API_KEY"))
+        return cls.in_process(default_model_path(settings), settings)
+
+    def build(self) -> Backend:
+        """A new backend for this spec (loading the model for an in-process one); use `backend_for_spec` to share."""
+        if self.kind == IN_PROCESS:
+            return LlamaBackend(Path(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
+                                chat_format=self.chat_format, name=self.name, max_batch=self.eval_batch)
+        api_key = self.api_key if self.api_key or not self.api_key_env else os.environ.get(self.api_key_env)
+        return OpenAIBackend(self.base_url, self.model, api_key=api_key, timeout=self.timeout,
+                             max_retries=self.max_retries, n_ctx=self.n_ctx, name=self.name)
+
+
+DEFAULT_MAX_LOADED_MODELS = 2
+
+
+class _Registry:
+    """The process's backends, one per spec, least recently used first; at most `max_loaded` in-process ones
+    resident (idle ones beyond it are released, least recently used first).
+
+    `_lock` guards the table and is only held briefly; `_build_lock` is held while a model loads (a new backend or
+    a released one loading again), so loads happen one at a time and a spec is never built twice. Lock order:
+    a backend's reload lock, then `_build_lock`, then `_lock`, then a backend's state lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entrant for the same reason as a backend's state lock
+        self._build_lock = threading.Lock()
+        self._backends: OrderedDict[ModelSpec, Backend] = OrderedDict()
+        self.max_loaded = DEFAULT_MAX_LOADED_MODELS
+
+    def _cached(self, spec: ModelSpec) -> Backend | None:
+        with self._lock:
+            backend = self._backends.get(spec)
+            if backend is not None:
+                self._backends.move_to_end(spec)
+            return backend
+
+    def get(self, spec: ModelSpec, max_loaded: int | None = None) -> Backend:
+        if max_loaded is not None:
+            self.max_loaded = max(1, int(max_loaded))
+        backend = self._cached(spec)
+        if backend is not None:
+            return backend
+        with self._build_lock:
+            backend = self._cached(spec)
+            if backend is None:
+                if spec.kind == IN_PROCESS:
+                    self._make_room(None)
+                backend = spec.build()
+                if isinstance(backend, LlamaBackend):
+                    backend._registry, backend._spec = self, spec
+                with self._lock:
+                    self._backends[spec] = backend
+            return backend
+
+    def reload(self, backend: LlamaBackend) -> Any:
+        """Load a released backend's model again, after making room for it; returns the `Llama`."""
+        with self._build_lock:
+            self._make_room(backend)
+            return backend._load()
+
+    def touch(self, backend: LlamaBackend) -> None:
+        """Mark a backend as just used."""
+        with self._lock:
+            if self._backends.get(backend._spec) is backend:
+                self._backends.move_to_end(backend._spec)
+
+    def _resident(self, exclude: Backend | None) -> list[LlamaBackend]:
+        with self._lock:
+            return [b for b in self._backends.values()
+                    if b is not exclude and isinstance(b, LlamaBackend) and b.resident]
+
+    def _release(self, resident: list[LlamaBackend], excess: int) -> int:
+        for backend in resident:  # least recently used first; one in use is skipped
+            if excess <= 0:
+                break
+            if backend.release_memory():
+                excess -= 1
+        return excess
+
+    def _make_room(self, loading: Backend | None) -> None:
+        """Before a model loads: release idle resident ones, least recently used first, until it fits."""
+        resident = self._resident(loading)
+        left = self._release(resident, len(resident) - (self.max_loaded - 1))
+        if left > 0:
+            log.info("%d model(s) beyond the limit of %d are in use: released once idle", left, self.max_loaded)
+
+    def trim(self) -> None:
+        """When a backend goes idle: release idle resident models beyond the limit, least recently used first."""
+        resident = self._resident(None)
+        if len(resident) > self.max_loaded:
+            self._release(resident, len(resident) - self.max_loaded)
+
+    def unload(self, spec: ModelSpec) -> bool:
+        with self._lock:
+            backend = self._backends.pop(spec, None)
+        if backend is None:
+            return False
+        backend.close()
+        return True
+
+    def specs(self, resident_only: bool = False) -> list[ModelSpec]:
+        with self._lock:
+            return [spec for spec, b in self._backends.items()
+                    if not resident_only or (isinstance(b, LlamaBackend) and b.resident)]
+
+
+_registry = _Registry()
+
+
+def backend_for_spec(spec: ModelSpec, *, max_loaded_models: int | None = None) -> Backend:
+    """The process-wide backend for a spec: built (the model loaded) on first use, then shared.
+
+    Loading an in-process model when `max_loaded_models` (last given; default 2) are resident first releases the
+    least recently used idle one; one in use is released only once idle. A released backend keeps its identity and
+    loads its file again on next use."""
+    return _registry.get(spec, max_loaded_models)
 
 
 def get_backend(settings: Settings) -> Backend:
-    """The process-wide backend for these settings: the model is loaded once and shared."""
+    """The process-wide backend of the model the settings configure (`ModelSpec.from_settings`)."""
+    return backend_for_spec(ModelSpec.from_settings(settings), max_loaded_models=settings.max_loaded_models)
 
-    if settings.backend == "openai":
-        key = ("openai", settings.openai_base_url, settings.openai_model)
-        factory: Callable[[], Backend] = lambda: OpenAIBackend(
-            settings.openai_base_url, settings.openai_model,
-            api_key=settings.openai_api_key or os.environ.get("OPENAI_API_KEY"),
-            timeout=settings.openai_timeout, max_retries=settings.openai_max_retries, n_ctx=settings.n_ctx)
-    else:
-        path = Path(default_model_path(settings)).resolve()
-        key = ("llama_cpp", str(path), settings.n_ctx, settings.n_threads, settings.n_batch, settings.chat_format,
-               settings.eval_batch)
-        factory = lambda: LlamaBackend(path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                                       n_batch=settings.n_batch, chat_format=settings.chat_format,
-                                       max_batch=settings.eval_batch)
-    with _backends_lock:
-        backend = _backends.get(key)
-        if backend is None:
-            backend = _backends[key] = factory()
-        return backend
+
+def unload(spec: ModelSpec) -> bool:
+    """Forget the backend of a spec and free its memory (the weights, the model's and the batch context): at once
+    when idle, else when its running generation ends; later use of that backend object raises BackendUnavailable
+    and `backend_for_spec` builds a new one. True when there was one."""
+    return _registry.unload(spec)
+
+
+def cached_specs() -> list[ModelSpec]:
+    """Specs with a backend in the registry, least recently used first."""
+    return _registry.specs()
+
+
+def resident_specs() -> list[ModelSpec]:
+    """Specs whose in-process model is in memory now, least recently used first."""
+    return _registry.specs(resident_only=True)

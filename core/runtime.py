@@ -1,5 +1,5 @@
-"""The process's shared resources: one connection pool per database, one model per configuration, the background
-worker and the metrics endpoint. The UI and the CLI get them here."""
+"""The process's shared resources: one connection pool per database, one model per spec (from core.llm's registry),
+the background worker and the metrics endpoint. The UI and the CLI get them here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 from psycopg_pool import ConnectionPool
 
-from core import db, llm
+from core import db, llm, metrics, worker
 from core.config import Settings
 
 log = logging.getLogger(__name__)
@@ -20,27 +20,29 @@ def database(settings: Settings) -> ConnectionPool:
 
 
 def model(settings: Settings) -> llm.Backend:
-    """The process-wide model backend for these settings, loaded once and shared."""
+    """The process-wide model backend for these settings, loaded once and shared (at most
+    PROMPTDEV_MAX_LOADED_MODELS in-process models stay in memory; see core.llm)."""
     return llm.get_backend(settings)
 
 
-def model_key(settings: Settings) -> tuple:
-    """What identifies the backend a configuration loads (for caches keyed by it)."""
-    return (settings.backend, str(settings.model_path), settings.n_ctx, settings.n_threads, settings.n_batch,
-            settings.chat_format, settings.openai_base_url, settings.openai_model)
+def model_spec(settings: Settings) -> llm.ModelSpec:
+    """What identifies the backend these settings load: equal specs, one backend."""
+    return llm.ModelSpec.from_settings(settings)
+
+
+def model_loaded(settings: Settings) -> bool:
+    """True when the backend these settings load is ready to use without loading a model file first."""
+    spec = model_spec(settings)
+    return spec.kind != llm.IN_PROCESS or spec in llm.resident_specs()
 
 
 def start_worker(settings: Settings) -> tuple[threading.Thread, threading.Event]:
     """Start a background worker thread on the configured database (submitted executions, evaluation runs)."""
-    from core import worker
-
     return worker.start_thread(database(settings), settings)
 
 
 def start_metrics(settings: Settings) -> int | None:
     """Serve Prometheus metrics when PROMPTDEV_METRICS_PORT is set; the port, or None when off or not possible."""
-    from core import metrics
-
     if not settings.metrics_port:
         return None
     try:

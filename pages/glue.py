@@ -53,16 +53,20 @@ def pool():
         raise
 
 
-@st.cache_resource(show_spinner="Loading the model…")
-def _backend(key: tuple):
-    return runtime.model(load_settings())
+def _backend(s: Settings):
+    # No st.cache_resource here: core.llm's registry keeps one backend per spec (and frees idle models beyond
+    # PROMPTDEV_MAX_LOADED_MODELS), so a cache here could only hand out a stale one. A spinner while a model loads.
+    if runtime.model_loaded(s):
+        return runtime.model(s)
+    with st.spinner("Loading the model…"):
+        return runtime.model(s)
 
 
 def backend():
-    """The process-wide model backend for the current settings (loaded once, shared by every session)."""
+    """The process-wide model backend for the current settings (loaded once per spec, shared by every session)."""
     s = settings()
     try:
-        return _backend(runtime.model_key(s))
+        return _backend(s)
     except EXPECTED_ERRORS as exc:
         st.error(f"Model unavailable — {user_message(exc)}")
         st.stop()

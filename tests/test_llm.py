@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -9,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from core import llm
-from core.config import Settings
+from core import llm, runtime, templates
+from core.config import PROJECT_ROOT, Settings
+from core.errors import InvalidInput, TooLarge, Unavailable, kind_of
 from core.llm import GenerationParams
 from core.model_files import ModelFileError
 
@@ -296,3 +300,119 @@ def test_a_failure_mid_batch_fails_only_unfinished_requests_and_resets_the_batch
     monkeypatch.setattr(llm._BatchState, "_decode", decode)
     for req, gen in zip(requests, backend.generate_many(requests)):
         assert gen.read() == _lone(backend, req)[0]
+
+
+# --- the model registry: one backend per spec, at most N in-process models resident, unload ---------------------
+
+
+@pytest.fixture
+def registry(default_model_path):
+    """Specs of the default file that differ from the session backend's; unloaded after the test, which then
+    restores the default limit of resident models."""
+    base = replace(Settings(), model_path=default_model_path)
+    specs: list[llm.ModelSpec] = []
+
+    def spec(**changes) -> llm.ModelSpec:
+        specs.append(llm.ModelSpec.from_settings(replace(base, **changes)))
+        return specs[-1]
+
+    yield spec
+    for s in specs:
+        llm.unload(s)
+    llm.get_backend(base)   # the limit is the last one given: back to the default
+
+
+def test_the_same_spec_gives_the_same_backend(backend, default_model_path):
+    settings = replace(Settings(), model_path=default_model_path)
+    spec = llm.ModelSpec.from_settings(settings)
+    assert spec == llm.ModelSpec.from_settings(replace(settings)) and hash(spec) == hash(replace(spec))
+    assert llm.backend_for_spec(spec) is llm.backend_for_spec(replace(spec)) is llm.get_backend(settings) is backend
+    assert spec in llm.cached_specs()
+    assert runtime.model_spec(settings) == spec and runtime.model(settings) is backend
+
+
+def test_settings_differing_only_in_eval_batch_give_different_backends(backend, registry, default_model_path):
+    spec = registry(eval_batch=2)
+    assert spec != llm.ModelSpec.from_settings(replace(Settings(), model_path=default_model_path))
+    other = llm.backend_for_spec(spec)
+    assert other is not backend and other.max_batch == 2 and backend.max_batch == 4
+
+
+def test_a_server_spec_ignores_in_process_settings():
+    s = replace(Settings(), backend="openai", openai_base_url="http://127.0.0.1:9/v1/", openai_model="m")
+    spec = llm.ModelSpec.from_settings(s)
+    assert spec.kind == "openai" and spec.base_url == "http://127.0.0.1:9/v1" and spec.path is None
+    assert llm.ModelSpec.from_settings(replace(s, eval_batch=2, n_threads=3, n_batch=32)) == spec
+    assert llm.ModelSpec.from_settings(replace(s, openai_timeout=5.0)) != spec
+    keyed = llm.ModelSpec.from_settings(replace(s, openai_api_key="sk-secret"))
+    assert "sk-secret" not in repr(keyed) and keyed.api_key_env == "PROMPTDEV_OPENAI_API_KEY"
+    assert llm.backend_for_spec(keyed)._api_key == "sk-secret"
+    llm.unload(keyed)
+
+
+def test_with_one_resident_model_loading_another_frees_the_least_recently_used(backend, registry):
+    first = llm.backend_for_spec(registry(n_ctx=512, max_loaded_models=1), max_loaded_models=1)
+    assert not backend.resident   # the session backend was idle: released too
+    first.generate_many([llm.Request(prompt=p, params=GenerationParams(max_tokens=2, seed=1)) for p in ("a", "b")])
+    weights, batch_ctx = first._llm, first._batch.ctx   # the batch context exists and is freed with the weights
+    assert weights._model.model is not None and batch_ctx.ctx is not None
+    second = llm.backend_for_spec(registry(n_ctx=768, max_loaded_models=1), max_loaded_models=1)
+    assert not first.resident and second.resident and first._batch is None
+    assert weights._model.model is None and batch_ctx.ctx is None
+    assert llm.resident_specs() == [llm.ModelSpec.from_settings(replace(Settings(), model_path=first.model_path,
+                                                                        n_ctx=768, max_loaded_models=1))]
+    # A released backend keeps its identity: the next use loads it again (and releases the other one).
+    params = GenerationParams(max_tokens=4, seed=2)
+    assert first.generate(prompt="Once", params=params).read() and first.loads == 2
+    assert first.resident and not second.resident
+
+
+def test_a_backend_in_use_is_not_freed_under_its_generation(registry):
+    params = GenerationParams(max_tokens=24, seed=4, temperature=0.7)
+    busy = llm.backend_for_spec(registry(n_ctx=512), max_loaded_models=1)
+    lone = busy.generate(prompt="Once upon a time", params=params).read()
+    gen = busy.generate(prompt="Once upon a time", params=params)
+    next(gen)
+    assert busy.in_use
+    other = llm.backend_for_spec(registry(n_ctx=768), max_loaded_models=1)   # over the limit while busy is in use
+    assert busy.resident and other.resident
+    assert gen.read() == lone   # the generation ran to its end on its own memory
+    assert not busy.in_use and not busy.resident and other.resident   # released once idle: least recently used
+    # Unloading a backend in use frees it when its generation ends; it is not used again.
+    gen = other.generate(prompt="Once upon a time", params=params)
+    next(gen)
+    llm.unload(registry(n_ctx=768))
+    assert other.resident and other.closed
+    gen.read()
+    assert not other.resident
+    with pytest.raises(llm.BackendUnavailable, match="was unloaded"):
+        other.generate(prompt="Again", params=params).read()
+    assert llm.backend_for_spec(registry(n_ctx=768)) is not other   # a new backend for the spec
+
+
+def test_model_errors_are_of_the_contract_kinds(backend, tmp_path):
+    with pytest.raises(llm.GenerationError) as too_long:
+        backend.generate(prompt="word " * (backend.n_ctx + 10))
+    assert kind_of(too_long.value) is TooLarge and too_long.value.status == 413
+    with pytest.raises(llm.GenerationError) as empty:
+        backend.generate([])
+    assert kind_of(empty.value) is InvalidInput
+    with pytest.raises(ModelFileError) as missing:
+        llm.LlamaBackend(tmp_path / "gone.gguf")
+    assert kind_of(missing.value) is Unavailable and isinstance(missing.value, llm.BackendUnavailable)
+    with pytest.raises(ValueError) as bad:
+        GenerationParams.from_dict({"top_p": 7})
+    assert kind_of(bad.value) is InvalidInput
+
+
+def test_llama_cpp_log_lines_never_reach_a_cli_user(settings, pool):
+    """llama.cpp prints to stderr itself (e.g. "llama_kv_cache_iswa: using full-size SWA cache" when a context is
+    made); they go to Python logging at DEBUG instead."""
+    templates.create_template(pool, "hello", [{"role": "user", "content": "Say hello to {{ name }}."}],
+                              params={"max_tokens": 4})
+    env = {**os.environ, "PROMPTDEV_DATABASE_URL": settings.database_url, "PROMPTDEV_DATA_DIR": str(settings.data_dir),
+           "PROMPTDEV_MODEL_PATH": str(settings.model_path)}
+    out = subprocess.run([sys.executable, "-m", "core.cli", "run", "hello", "name=Ada", "--seed", "1", "-q"],
+                         capture_output=True, text=True, cwd=PROJECT_ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and "llama_" not in out.stderr and out.stderr == ""

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from core import executions, llm, models
+from core.errors import Conflict, InvalidInput, NotFound, kind_of
 from core.executions import Origin
 from core.llm import GenerationParams
 from core.model_files import file_sha256
@@ -143,3 +144,36 @@ def test_served_model_name_of_an_execution(pool, settings, backend):
     local = executions.record(pool, origin=Origin("api"), status="ok", output="x", backend=backend)
     assert models.served_model_name(pool, executions.get_execution(pool, on_server)) == "served-name"
     assert models.served_model_name(pool, executions.get_execution(pool, local)) is None
+
+
+def test_removing_a_model_unloads_its_backend(pool, settings, default_model_path, backend):
+    models.ensure_default_model_registered(pool, settings)
+    spare = models.register_model(pool, "spare-512", path=default_model_path, n_ctx=512)
+    loaded = models.backend_for(pool, settings, "spare-512")
+    spec = models.model_spec(spare, settings)
+    assert loaded.resident and spec in llm.cached_specs() and models.is_spec_of(spec, spare)
+    assert models.backend_for_model(spare, settings) is loaded
+    models.delete_model(pool, "spare-512")
+    assert loaded.closed and not loaded.resident and spec not in llm.cached_specs()
+    with pytest.raises(llm.BackendUnavailable, match="was unloaded"):
+        loaded.generate(prompt="Hello", params=GenerationParams(max_tokens=2)).read()
+    assert backend.generate(prompt="Hello", params=GenerationParams(max_tokens=2, seed=1)).read()  # others stay
+
+
+def test_registry_errors_are_of_the_contract_kinds(pool, settings, default_model_path):
+    default = models.ensure_default_model_registered(pool, settings)
+    models.register_model(pool, "spare", path=default_model_path)
+    failures = [
+        lambda: models.get_model(pool, "ghost"),
+        lambda: models.delete_model(pool, "ghost"),
+        lambda: models.register_model(pool, "spare", path=default_model_path),
+        lambda: models.delete_model(pool, default.name),
+        lambda: models.register_model(pool, "bad name!", path=default_model_path),
+        lambda: models.register_model(pool, "x", path="/nowhere/model.gguf"),
+    ]
+    kinds = []
+    for fail in failures:
+        with pytest.raises(Exception) as info:
+            fail()
+        kinds.append(kind_of(info.value))
+    assert kinds == [NotFound, NotFound, Conflict, Conflict, InvalidInput, InvalidInput]

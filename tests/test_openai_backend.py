@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
+from core import llm
+from core.config import Settings
+from core.errors import InvalidInput, Unavailable, kind_of
 from core.llm import BackendUnavailable, GenerationError, GenerationParams, OpenAIBackend, Request
 from tests.conftest import LlamaServer, free_port
 
@@ -75,3 +79,30 @@ def test_generate_many_runs_each_request_and_fails_each_alone(llama_server):
     assert gens[0].read().strip() and gens[0].usage.completion_tokens >= 1
     with pytest.raises(GenerationError, match="no messages"):
         gens[1].read()
+
+
+def test_server_errors_are_of_the_contract_kinds(llama_server):
+    down = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=0, timeout=2)
+    with pytest.raises(BackendUnavailable) as unreachable:
+        down.generate(prompt="hi").read()
+    assert kind_of(unreachable.value) is Unavailable and unreachable.value.status == 503
+    wrong_path = OpenAIBackend(llama_server.base_url.replace("/v1", "/nope"), "gemma-3-270m", max_retries=0)
+    with pytest.raises(GenerationError) as refused:
+        wrong_path.generate(prompt="hi").read()
+    assert kind_of(refused.value) is Unavailable
+    with pytest.raises(GenerationError) as empty:
+        OpenAIBackend(llama_server.base_url, "gemma-3-270m").generate([])
+    assert kind_of(empty.value) is InvalidInput
+
+
+def test_the_registry_shares_one_server_backend_per_spec(llama_server):
+    settings = replace(Settings(), backend="openai", openai_base_url=llama_server.base_url, openai_model="gemma-3-270m")
+    backend = llm.get_backend(settings)
+    try:
+        assert isinstance(backend, OpenAIBackend) and llm.get_backend(replace(settings, eval_batch=1)) is backend
+        assert llm.get_backend(replace(settings, openai_timeout=7.0)) is not backend
+        assert backend.generate(prompt="The capital of France is",
+                                params=GenerationParams(max_tokens=2, temperature=0.0)).read()
+    finally:
+        llm.unload(llm.ModelSpec.from_settings(settings))
+        llm.unload(llm.ModelSpec.from_settings(replace(settings, openai_timeout=7.0)))
