@@ -41,9 +41,9 @@ class LockKey(enum.IntEnum):
     EXECUTION = 734_622            # two-key class: (EXECUTION, execution id) held by the worker running it
 
 
-def jsonb(value: Any) -> Jsonb:
-    """A value as a jsonb query parameter (None is JSON null; pass None itself for SQL NULL)."""
-    return Jsonb(value)
+def jsonb(value: Any, *, none_is_null: bool = False) -> Jsonb | None:
+    """A value as a jsonb query parameter: None is JSON null, or SQL NULL with none_is_null."""
+    return None if none_is_null and value is None else Jsonb(value)
 
 
 class DatabaseError(Unavailable):

@@ -15,8 +15,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 import psycopg
 from psycopg.rows import class_row, dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+
+from core import db
 
 from .content import _clean_tags, _prepare, _Prepared, _text, check_label, check_name, normalize_content
 from .errors import IncludeError, InvalidTemplateInput, TemplateExists, TemplateNotFound
@@ -247,9 +248,9 @@ def _insert_version(conn: psycopg.Connection, template_id: int, name: str, versi
                %(rollback_of)s, %(git_commit)s, COALESCE(%(created_at)s, clock_timestamp()))
            RETURNING id, created_at""",
         {"template_id": template_id, "version": version, "kind": p.kind,
-         "messages": Jsonb(p.messages) if p.messages is not None else None, "text": p.text,
-         "params": Jsonb(p.params), "input_schema": Jsonb(p.input_schema) if p.input_schema is not None else None,
-         "output_schema": Jsonb(p.output_schema) if p.output_schema is not None else None,
+         "messages": db.jsonb(p.messages, none_is_null=True), "text": p.text,
+         "params": db.jsonb(p.params), "input_schema": db.jsonb(p.input_schema, none_is_null=True),
+         "output_schema": db.jsonb(p.output_schema, none_is_null=True),
          "variables": p.variables, "content_sha256": p.sha256, "created_by": created_by or "",
          "change_description": change_description or "", "rollback_of": rollback_of, "git_commit": git_commit,
          "created_at": created_at}).fetchone()
