@@ -35,6 +35,8 @@ class LockKey(enum.IntEnum):
     """
 
     EXPORT = 903_770_063           # two-key class: (EXPORT, hashtext(target)), one exporter per exports directory
+    FIRST_RUN = 7_346_221_011      # one-key: one first-run setup link at a time (core.accounts)
+    LOGIN = 734_624                # two-key class: (LOGIN, hashtext(username)), one login per name at once
     MIGRATION = 7_346_221_009      # one-key: one migrator of a database at a time
     MODEL_REGISTRY = 7_346_221_010  # one-key: one registrar of the default model at a time
     RETENTION = 7_346_221_105      # one-key: one scheduled retention purge at a time
