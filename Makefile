@@ -9,13 +9,19 @@ STAMP  := $(VENV)/.installed
 # crash (SIGSEGV in ggml_backend_amx_mul_mat) on the machines we run on.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: run test lint setup install bench worker clean-data
+.PHONY: run test lint setup install bench worker clean-data chromium
 
 run: setup  # the app process also runs a background worker for submitted executions and evaluation runs
-	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
+	$(BIN)/promptdev serve --port $(PORT)  # streamlit run app.py on PROMPTDEV_ADDRESS (default 127.0.0.1)
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The browser test drives Debian's chromium (Playwright is told its path: no browser download). Installed when
+# missing (apt-get, as root); if it cannot be, the test is skipped and says why.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; } \
+		|| echo "chromium could not be installed: tests/browser will be skipped"
 
 # ruff over the whole tree (rules in pyproject.toml).
 lint: install

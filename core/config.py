@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import urllib.parse
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,6 +64,9 @@ class Settings:
     metrics_port: int = _setting(0, "Prometheus endpoint port; 0: off", min=0, max=65535)
     pool_min_size: int = _setting(1, "connections the pool keeps open", min=0)
     pool_max_size: int = _setting(10, "connections the pool may open", min=1)
+    address: str = _setting("127.0.0.1", "the address the app listens on; 0.0.0.0 or :: exposes it to the network")
+    base_url: str | None = _setting(None, "the URL browsers reach the app at (e.g. behind a proxy); https makes the "
+                                          "session cookie Secure")
 
     @property
     def postgres_dir(self) -> Path:
@@ -171,11 +176,30 @@ def validate(settings: Settings) -> Settings:
             raise SettingsError("PROMPTDEV_OPENAI_MODEL: required when PROMPTDEV_BACKEND=openai")
     if settings.database_url:
         _check_database_url(settings.database_url)
+    if not _ADDRESS.match(settings.address or ""):
+        raise SettingsError(f"PROMPTDEV_ADDRESS: not an IP address or host name: {settings.address!r}")
+    if settings.base_url:
+        _check_base_url(settings.base_url)
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("PROMPTDEV_POOL_MIN_SIZE: must not exceed PROMPTDEV_POOL_MAX_SIZE")
     if settings.n_batch > settings.n_ctx:
         raise SettingsError("PROMPTDEV_N_BATCH: must not exceed PROMPTDEV_N_CTX")
     return settings
+
+
+_ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45})$")
+
+
+def _check_base_url(url: str) -> None:
+    """An origin: http(s)://host[:port], with no user, path, query or fragment."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        raise SettingsError(f"PROMPTDEV_BASE_URL: bad port in {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise SettingsError(f"PROMPTDEV_BASE_URL: must be http(s)://host[:port] with no path, got {url!r}")
 
 
 def _check_database_url(url: str) -> None:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import streamlit as st
 
-from core import models, runtime
+from core import accounts, models, runtime
 from core.config import Settings, SettingsError, load_settings
 from core.errors import EXPECTED_ERRORS, is_expected, user_message
 from pages import routing
@@ -22,7 +22,8 @@ from pages import routing
 log = logging.getLogger("promptdev.ui")
 
 # Session-state keys (named constants; each page prefixes its own).
-KEY_USER = "promptdev.user"
+KEY_ACCOUNT = "promptdev.account"  # the signed-in accounts.User, set by app.py at the start of every run
+LOGIN_URL, LOGOUT_URL = "/login", "/logout"  # served by core.web in front of Streamlit
 KEY_WARMUP = "home.warmup_result"
 
 
@@ -129,14 +130,44 @@ def model_registry(pool, settings: Settings) -> list:
     return models.list_models(pool)
 
 
+def session_token() -> str | None:
+    """The session token in this browser's cookie (sent when its websocket opened), or None."""
+    token = st.context.cookies.get(accounts.SESSION_COOKIE)
+    return token if isinstance(token, str) else None
+
+
+def signed_in_user() -> accounts.User | None:
+    """Who is signed in: the user of the session cookie, checked in the database on every run (so a session that
+    was revoked or expired ends at the next interaction), or None. app.py calls it first; pages use current_account."""
+    user = accounts.user_for_session(pool(), session_token())
+    st.session_state[KEY_ACCOUNT] = user
+    return user
+
+
+def current_account() -> accounts.User:
+    """The signed-in user of this run (app.py let the page run only with one)."""
+    user = st.session_state.get(KEY_ACCOUNT)
+    if not isinstance(user, accounts.User):
+        st.stop()
+    return user
+
+
 def current_user() -> str:
-    """Who is using the workbench (free text until login exists), shown in the sidebar."""
-    return st.session_state.get(KEY_USER) or "anonymous"
+    """The signed-in user's name, recorded as author and operator."""
+    return current_account().username
 
 
-def sidebar_user() -> None:
-    """The sidebar field naming the current user, recorded as author/operator."""
-    st.sidebar.text_input("You are", key=KEY_USER, placeholder="your name", help="Recorded as author and operator.")
+def sidebar_user(user: accounts.User) -> None:
+    """The sidebar's account line: who is signed in, and the way out (a confirmation page: a link cannot post)."""
+    st.sidebar.text(f"Signed in as {user.display_name} ({user.username})")  # plain text: names are not Markdown
+    st.sidebar.html(f'<a href="{LOGOUT_URL}">Sign out</a>')
+
+
+def signed_out() -> None:
+    """The only page of a run without a live session (it ended while the tab was open)."""
+    st.title("Signed out")
+    st.info("Your session has ended: you signed out, an admin ended it, or it expired.")
+    st.html(f'<a href="{LOGIN_URL}">Sign in again</a>')
 
 
 def human_bytes(n: float) -> str:

@@ -19,6 +19,7 @@ import pytest
 from core import db
 from core.config import PROJECT_ROOT, Settings, load_settings
 from core.model_files import ensure_default_model
+from tests import signin
 
 TEST_DATA_DIR = PROJECT_ROOT / "data" / "test"
 TEMPLATE_DB = "promptdev_test_template"
@@ -103,10 +104,14 @@ def deep_link_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settin
     logs tracebacks, and formatting them (traceback carets call ast.parse) races Streamlit's ast.parse of the page on
     CPython 3.11 ("AST constructor recursion depth mismatch"): such workers are stopped before the test, and this
     test's worker before its database goes.
+
+    The browser is signed in as the user `tester` (tests/signin.py; `signin.sign_in_as(NAME)` switches).
     """
     monkeypatch.setenv("PROMPTDEV_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("PROMPTDEV_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("PROMPTDEV_MODEL_PATH", str(settings.model_path))
+    signin.install(monkeypatch, settings)
+    signin.sign_in_as(signin.DEFAULT_USER)
     stop_app_workers(only_orphaned=True)
     yield settings
     stop_app_workers(only_orphaned=False)

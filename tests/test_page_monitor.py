@@ -6,14 +6,15 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from core import conversations, executions, guardrails
+from tests import signin
 from tests.conftest import APP_PATH
 
 TINY = {"max_tokens": 2, "temperature": 0.0, "seed": 1}
 
 
 def open_monitor(tab: str = "Conversations") -> AppTest:
+    signin.sign_in_as("olivia")
     at = AppTest.from_file(APP_PATH, default_timeout=120)
-    at.session_state["promptdev.user"] = "olivia"
     at.run()
     at.switch_page("pages/monitor.py")
     at.session_state["monitor.tab"] = tab  # only the open tab runs

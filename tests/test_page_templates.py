@@ -6,12 +6,15 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from core import templates as tpl
+from tests import signin
 from tests.conftest import APP_PATH
 
 PAGE = "pages/templates.py"
 
 
 def open_page(**state) -> AppTest:
+    if "promptdev.user" in state:  # who is signed in (tests/signin.py), not a session-state value
+        signin.sign_in_as(state.pop("promptdev.user"))
     at = AppTest.from_file(APP_PATH, default_timeout=60)
     for key, value in state.items():
         at.session_state[key] = value
@@ -52,7 +55,7 @@ def test_create_with_live_variables_and_syntax_errors(app_env, pool):
     assert "Created chatbot version 1" in texts(at.success)
     assert at.session_state["templates.open"] == "chatbot"
     tv = tpl.get_template_by_name(pool, "chatbot")
-    assert (tv.version, tv.text, tv.created_by) == (1, "You are {{ role }}. Help with {{ topic }}.", "anonymous")
+    assert (tv.version, tv.text, tv.created_by) == (1, "You are {{ role }}. Help with {{ topic }}.", "tester")
     # the new template is listed with its version and status
     table = at.dataframe[0].value
     assert list(table["Name"]) == ["chatbot"] and list(table["Version"]) == [1]
@@ -108,7 +111,7 @@ def test_edit_diff_and_rollback(app_env, pool):
     # the history shows author, time and change description
     history = table_with(at, "Change")
     assert list(history["Version"]) == [2, 1] and list(history["Change"]) == ["be kind", "Created"]
-    assert list(history["Author"]) == ["anonymous", "admin"]
+    assert list(history["Author"]) == ["tester", "admin"]
     # the diff, unified and side by side
     unified = [c.value for c in at.code if c.language == "diff"]
     assert unified and "-Help with {{ topic }}." in unified[0] and "+Help kindly with {{ topic }}." in unified[0]
@@ -296,7 +299,7 @@ def test_label_moves_show_who_when_from_and_to(app_env, pool):
     at.selectbox(key="templates.labels.lm.label").set_value("production")
     at.selectbox(key="templates.labels.lm.version").set_value(1)
     at.button(key="templates.labels.lm.move").click().run()
-    at.session_state["promptdev.user"] = "bob"
+    signin.sign_in_as("bob")
     at.selectbox(key="templates.labels.lm.version").set_value(2)
     at.button(key="templates.labels.lm.move").click().run()
     assert not at.exception and "production → version 2" in texts(at.success)

@@ -17,13 +17,13 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from core.cli import analytics, conversations, evaluations, executions, setup, templates, worker
+from core.cli import analytics, conversations, evaluations, executions, serve, setup, templates, users, worker
 from core.cli._common import Parser
 from core.config import Settings, SettingsError, load_settings
 from core.errors import is_expected, user_message
 
 # The command groups, in the order `promptdev --help` lists their commands.
-COMMAND_GROUPS = (setup, worker, templates, executions, conversations, evaluations, analytics)
+COMMAND_GROUPS = (setup, serve, worker, users, templates, executions, conversations, evaluations, analytics)
 
 EXIT_CLOSED_OUTPUT = 128 + 13  # what a shell reports for a command that SIGPIPE ended
 
