@@ -4,13 +4,20 @@ pass rates, anomalies, and a sandboxed ad-hoc SQL box. Prices per model live in 
 Every DuckDB connection here is confined to the exports directory: external access is disabled except for that
 directory (`allowed_directories`), and the configuration is then locked, so no query can read or write any other
 file, load an extension or change a setting. Times are UTC.
+
+The SQL box runs each query in a child process with a memory cap, killed at its time limit (see `run_sql`); every
+exported file's page checksums are checked before DuckDB first reads it (DuckDB does not check them); and error
+messages name tables, never the server's paths.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import re
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -77,6 +84,10 @@ class QueryBusy(RateLimited, QueryRefused):
 
 class ExportsUnreadable(Unavailable, AnalyticsError):
     """The Parquet exports cannot be read (`promptdev export --full` rebuilds them)."""
+
+
+class SqlBoxUnavailable(Unavailable, AnalyticsError):
+    """The SQL box could not start the process a query runs in (out of processes or memory, say)."""
 
 
 class PriceNotFound(NotFound):
@@ -209,14 +220,18 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB",
+            verify: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB that can read only the exports directory, with views named after the exported tables;
-    its configuration is locked."""
-    root = Path(exports_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    its configuration is locked. With `verify`, every exported file's page checksums are checked first (once per
+    file: exports.verify_files), since DuckDB reads damaged pages without a word."""
+    root = _usable_root(exports_dir)
+    if verify:
+        verify_exports(root)
     con = duckdb.connect(config={"threads": threads, "memory_limit": memory_limit})
     try:
         con.execute("SET temp_directory = ''")  # never spill to disk
+        con.execute("SET enable_progress_bar = false")  # nothing on the terminal
         con.execute(f"SET allowed_directories = [{_quote(str(root) + '/')}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
@@ -235,12 +250,36 @@ def sandbox(exports_dir: Path, *, threads: int = 2, memory_limit: str = "1GB") -
         con.execute("SET lock_configuration = true")
     except duckdb.Error as exc:
         con.close()
-        raise ExportsUnreadable(f"cannot read the exports in {root}: {_first_line(exc)} "
+        raise ExportsUnreadable(f"cannot read the exports: {_scrub(_first_line(exc), root)} "
                                 "(`promptdev export --full` rebuilds them)") from None
     except BaseException:
         con.close()
         raise
     return con
+
+
+def _usable_root(exports_dir: Path) -> Path:
+    """The exports directory, resolved and created if missing; ExportsUnreadable naming it and the cause when it
+    cannot be (a file stands in the way, the disk is read-only, …)."""
+    root = Path(exports_dir).resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportsUnreadable(f"cannot use the exports directory {exports_dir}: "
+                                f"{exc.strerror or _first_line(exc)}") from exc
+    return root
+
+
+def verify_exports(exports_dir: Path) -> int:
+    """Check every exported file's page checksums (each once per file identity): ExportsUnreadable naming the
+    damaged file, and how to rebuild, otherwise. Returns the number of files."""
+    try:
+        return exports.verify_files(exports_dir)
+    except exports.ExportDamaged as exc:
+        raise ExportsUnreadable(f"cannot read the exports: {exc}") from exc
+    except OSError as exc:
+        raise ExportsUnreadable(f"cannot read the exports in {exports_dir}: "
+                                f"{exc.strerror or _first_line(exc)}") from exc
 
 
 def _refusal(kind: str) -> str:
@@ -251,32 +290,112 @@ def _refusal(kind: str) -> str:
 
 
 _PATH_TABLE = re.compile(r"Table with name (\S+) does not exist")
+_QUOTED = re.compile(r"""["']([^"']+)["']""")
+_ABSOLUTE = re.compile(r"""(?<![\w.])(?:file://)?/[^\s"',;()]+""")
 
 
-def _outside(exc: duckdb.Error, root: Path) -> str | None:
+def _scrub(message: str, root: Path, query: str = "") -> str:
+    """A DuckDB message without the server's paths: a path under the exports becomes the name of its table (or
+    "the exports"), and any other absolute path not typed by the user in `query` becomes "<path>"."""
+    names = {s.name for s in exports.TABLES}
+    prefix = str(root).rstrip("/")
+
+    def replace(match: re.Match) -> str:
+        path = match.group(0)
+        if path in query:
+            return path  # the user's own words
+        bare = path[len("file://"):] if path.startswith("file://") else path
+        if bare == prefix or bare.startswith(prefix + "/"):
+            first = bare[len(prefix) + 1:].split("/", 1)[0]
+            return first if first in names else "the exports"
+        return "<path>"
+
+    return _ABSOLUTE.sub(replace, message)
+
+
+def _outside(message: str, query: str) -> str | None:
     """The refusal for `FROM '/some/file'` outside the exports (DuckDB reports it as a missing table)."""
-    m = _PATH_TABLE.search(str(exc))
+    m = _PATH_TABLE.search(message)
     if m and ("/" in m.group(1) or "://" in m.group(1)):
-        return f"refused: only the exports can be read ({m.group(1)!r} is not a file under {root})"
+        return f"refused: only the exports can be read ({_typed(m.group(1), query)} is not one of them)"
     return None
+
+
+def _typed(text: str, query: str) -> str:
+    """A name from a DuckDB message as the user typed it, else "a file outside the exports"."""
+    text = text.strip("\"'")
+    return repr(text) if text and text in query else "a file outside the exports"
+
+
+def _permission_refusal(message: str, query: str) -> str:
+    """The refusal for a read outside the exports, naming what was refused only in the user's own words."""
+    quoted = [q for q in _QUOTED.findall(message) if q in query]
+    what = f" ({quoted[0]!r} is not one of them)" if quoted else ""
+    tables = ", ".join(s.name for s in exports.TABLES)
+    return f"refused: only the exports can be read{what}; the tables are {tables}"
+
+
+# ---------------------------------------------------------------------------------------------------- the SQL box
+#
+# A query typed into the SQL box runs in a child process, never in the caller's: DuckDB's memory_limit bounds its
+# buffer-managed operators (sorts, joins, aggregates) but not the values an expression builds, and one data chunk
+# (2,048 rows) of `repeat('x', 100000000 + range)` holds 200 GB. The child's data segment is capped
+# (RLIMIT_DATA): past it allocations fail and DuckDB reports "out of memory". The result comes back in chunks of
+# 2,048 rows, stopping at the row limit or at MAX_RESULT_BYTES, whichever comes first, and the child is killed at
+# the time limit: the caller gets its answer on time and keeps its memory. Children are forked from a forkserver
+# that has imported this module already (a few milliseconds each).
+
+MAX_TIME_LIMIT_S = 120.0  # the longest time limit a user may choose
+MAX_ROW_LIMIT = 100_000  # the largest row limit a user may choose
+SQL_MEMORY_LIMIT = "1GB"  # DuckDB's memory_limit in the child
+CHILD_MEMORY_BYTES = (1 << 30) + (256 << 20)  # what the child may allocate on top of what it starts with
+MAX_CONCURRENT_QUERIES = 2  # SQL-box queries one process runs at once (each may take CHILD_MEMORY_BYTES)
+
+_running = threading.BoundedSemaphore(MAX_CONCURRENT_QUERIES)
+_forkserver_lock = threading.Lock()
+_context: Any = None
+
+
+def _mp_context() -> Any:
+    """The forkserver multiprocessing context, its server preloading this module (see _preload)."""
+    global _context
+    with _forkserver_lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(_preload())
+            _context = ctx
+        return _context
+
+
+def _preload() -> list[str]:
+    """What the forkserver imports once: this module, and the modules the main script's names come from. Each child
+    runs the main script again (multiprocessing's rule for a script run by path: `promptdev`, `streamlit`), which
+    costs nothing once what it imports is loaded (0.4 s each otherwise)."""
+    names = [__name__]
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "__file__", None) and getattr(main, "__spec__", None) is None:
+        for value in list(vars(main).values()):
+            module = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(module, str) and not module.startswith("_") and module != "builtins" \
+                    and module not in names:
+                names.append(module)
+    return names
 
 
 def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
             time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> QueryResult:
-    """Run one read-only SELECT over the exports in a fresh sandbox, with a row limit and a time limit; a query that
-    is not allowed raises QueryRefused saying why."""
+    """Run one read-only SELECT over the exports in a sandboxed child process, with a row limit, a time limit and
+    a memory cap; a query that is not allowed raises QueryRefused saying why."""
     if not query or not query.strip():
         raise AnalyticsError("enter a SELECT query, e.g. SELECT count(*) FROM executions")
-    if limit < 1:
-        raise AnalyticsError("the row limit must be at least 1")
-    lingering = _Worker.lingering()
-    if lingering >= MAX_LINGERING:
-        raise QueryBusy(f"refused: {lingering} earlier queries past their time limit are still being cancelled; "
-                        "try again in a moment", retry_after=INTERRUPT_GRACE_S)
-    con = sandbox(exports_dir)
-    worker: _Worker | None = None
+    if not 1 <= limit <= MAX_ROW_LIMIT:
+        raise AnalyticsError(f"the row limit must be between 1 and {MAX_ROW_LIMIT:,}, not {limit:,}")
+    if not 0 < time_limit_s <= MAX_TIME_LIMIT_S:
+        raise AnalyticsError(f"the time limit must be more than 0 and at most {MAX_TIME_LIMIT_S:g} s, "
+                             f"not {time_limit_s:g}")
+    parser = duckdb.connect(config={"enable_external_access": False})
     try:
-        statements = _statements(con, query)
+        statements = _statements(parser, query)
         if len(statements) != 1:
             raise QueryRefused(f"refused: one statement at a time, got {len(statements)}")
         kind = statements[0].type.name
@@ -284,101 +403,150 @@ def run_sql(exports_dir: Path, query: str, *, limit: int = DEFAULT_ROW_LIMIT,
             raise QueryRefused(_refusal(kind))
         inner = statements[0].query.strip().rstrip(";").strip()
         wrapped = f"SELECT * FROM (\n{inner}\n) AS q LIMIT {int(limit) + 1}"
-        check = _statements(con, wrapped)
+        check = _statements(parser, wrapped)
         if len(check) != 1 or check[0].type.name != "SELECT":
             raise QueryRefused("refused: the query could not be confined to one SELECT")
-        started = time.perf_counter()
-        stopped = f"stopped: the query ran longer than the {time_limit_s:g} s time limit"
-        # The query runs on a worker thread: some operations (one huge list_sort, say) do not check for an
-        # interrupt, and the caller must get its answer at the time limit even then.
-        worker = _Worker(con, wrapped)
-        if not worker.done.wait(time_limit_s):
-            con.interrupt()
-            if not worker.done.wait(INTERRUPT_GRACE_S):
-                raise QueryLimitExceeded(stopped + " (it is being cancelled)")
-        try:
-            if worker.error is not None:
-                raise worker.error
-            frame = worker.frame
-        except duckdb.InterruptException:
-            raise QueryLimitExceeded(stopped) from None
-        except duckdb.PermissionException as exc:
-            raise QueryRefused(f"refused: only the exports can be read ({_first_line(exc)})") from None
-        except duckdb.CatalogException as exc:
-            refusal = _outside(exc, Path(exports_dir).resolve())
-            if refusal:
-                raise QueryRefused(refusal) from None
-            raise AnalyticsError(_first_line(exc)) from None
-        except duckdb.Error as exc:
-            raise AnalyticsError(_first_line(exc)) from None
-        except MemoryError:
-            raise QueryLimitExceeded("refused: the result does not fit in memory; select fewer columns or "
-                                     "rows") from None
-        except Exception as exc:  # e.g. a value pandas cannot hold
-            raise AnalyticsError(f"the result cannot be shown: {_first_line(exc)}") from None
-        seconds = time.perf_counter() - started
-        size = int(frame.memory_usage(deep=True).sum())
-        if size > MAX_RESULT_BYTES:
-            raise QueryLimitExceeded(f"refused: the result is too large to show ({size / 2**20:,.0f} MB, at most "
-                                     f"{MAX_RESULT_BYTES >> 20} MB); select fewer columns or rows, or aggregate")
     finally:
-        if worker is None or worker.done.is_set():
-            con.close()
-        else:  # still running (past the time limit, or the caller was interrupted): close it once it stops
-            con.interrupt()
-            worker.close_when_done()
-    truncated = len(frame) > limit
-    return QueryResult(frame.iloc[:limit], truncated, seconds, limit)
+        parser.close()
+    root = _usable_root(exports_dir)
+    verify_exports(root)  # here, where the verdicts are remembered; the child reads the files checked
+    if not _running.acquire(blocking=False):
+        raise QueryBusy(f"refused: {MAX_CONCURRENT_QUERIES} queries are running already; try again in a moment",
+                        retry_after=1.0)
+    try:
+        outcome, seconds = _in_child(root, wrapped, limit, time_limit_s)
+    finally:
+        _running.release()
+    status, payload = outcome
+    if status == "ok":
+        frame = payload
+        truncated = len(frame) > limit
+        return QueryResult(frame.iloc[:limit], truncated, seconds, limit)
+    raise _query_error(status, payload, root, query, time_limit_s)
 
 
-INTERRUPT_GRACE_S = 1.0  # how long an interrupted query may take to stop before the caller stops waiting
-
-
-MAX_LINGERING = 2  # queries abandoned at their time limit that may still run before new ones are refused
-
-
-class _Worker:
-    """One query on its own thread: its DataFrame or its error once `done` is set."""
-
-    _abandoned: set["_Worker"] = set()
-    _registry_lock = threading.Lock()
-
-    @classmethod
-    def lingering(cls) -> int:
-        """How many abandoned queries are still running."""
-        with cls._registry_lock:
-            return len(cls._abandoned)
-
-    def __init__(self, con: duckdb.DuckDBPyConnection, query: str) -> None:
-        self.con, self.frame, self.error = con, None, None
-        self.done = threading.Event()
-        self._close = False
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, args=(query,), name="analytics-sql", daemon=True).start()
-
-    def _run(self, query: str) -> None:
+def _in_child(root: Path, query: str, limit: int, time_limit_s: float) -> tuple[tuple[str, Any], float]:
+    """Run the query in a child process: its (status, payload) and the seconds it took; ("timeout", None) when it
+    ran past the time limit (it is killed), ("died", exit code) when it stopped without answering."""
+    ctx = _mp_context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_query, args=(str(root), query, limit, MAX_RESULT_BYTES, sender),
+                        name="analytics-sql", daemon=True)
+    try:
         try:
-            self.frame = self.con.execute(query).df()
-        except BaseException as exc:  # handed to the caller
-            self.error = exc
-        finally:
-            with self._lock:
-                self.done.set()
-                if self._close:
-                    self.frame = None
-                    self.con.close()
-                    with _Worker._registry_lock:
-                        _Worker._abandoned.discard(self)
+            child.start()
+        except OSError as exc:
+            raise SqlBoxUnavailable(f"the SQL box cannot start a query: {exc.strerror or _first_line(exc)}") from exc
+        started = time.perf_counter()
+        sender.close()
+        try:
+            if not receiver.poll(time_limit_s):
+                return ("timeout", None), time.perf_counter() - started
+            outcome = receiver.recv()
+        except (EOFError, OSError):  # it died without a word (killed for its memory, say)
+            child.join(5)
+            return ("died", child.exitcode), time.perf_counter() - started
+        return outcome, time.perf_counter() - started
+    finally:
+        if child.pid is not None:  # started
+            if child.is_alive():
+                child.kill()
+            child.join(5)
+        receiver.close()
+        sender.close()
 
-    def close_when_done(self) -> None:
-        """Close the connection now if the query has stopped, else as soon as it does."""
-        with self._lock:
-            if self.done.is_set():
-                self.con.close()
-            else:
-                self._close = True
-                with _Worker._registry_lock:
-                    _Worker._abandoned.add(self)
+
+def _query_error(status: str, payload: Any, root: Path, query: str, time_limit_s: float) -> AnalyticsError:
+    """The one-line error for a query that gave no rows."""
+    if status == "timeout":
+        return QueryLimitExceeded(f"stopped: the query ran longer than the {time_limit_s:g} s time limit")
+    if status == "too_large":
+        return QueryLimitExceeded(f"refused: the result is too large to show ({payload / 2**20:,.0f} MB or more, at "
+                                  f"most {MAX_RESULT_BYTES >> 20} MB); select fewer columns or rows, or aggregate")
+    if status in ("memory", "died"):
+        return QueryLimitExceeded(f"refused: the query needs more memory than the SQL box allows (about "
+                                  f"{CHILD_MEMORY_BYTES >> 20:,} MB); select fewer or smaller values, or aggregate")
+    if status == "unreadable":
+        return ExportsUnreadable(f"cannot read the exports: {_scrub(payload, root, query)} "
+                                 "(`promptdev export --full` rebuilds them)")
+    if status == "permission":
+        return QueryRefused(_permission_refusal(payload, query))
+    if status == "catalog":
+        return QueryRefused(refusal) if (refusal := _outside(payload, query)) else \
+            AnalyticsError(_scrub(payload, root, query))
+    if status == "result":
+        return AnalyticsError(f"the result cannot be shown: {_scrub(payload, root, query)}")
+    return AnalyticsError(_scrub(payload, root, query))
+
+
+def _child_query(root: str, query: str, limit: int, max_bytes: int, sender: Any) -> None:
+    """In the child: cap the memory, run the query, send back ("ok", DataFrame) or (status, detail)."""
+    try:
+        import resource
+
+        data = _data_segment()
+        if data is not None:
+            cap = data + CHILD_MEMORY_BYTES
+            resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+        outcome = _fetch(Path(root), query, limit, max_bytes)
+    except BaseException as exc:  # everything is reported; nothing is printed
+        outcome = ("other", _first_line(exc))
+    try:
+        sender.send(outcome)
+    except BaseException as exc:  # e.g. no memory left to pickle the rows
+        sender.send(("memory" if isinstance(exc, MemoryError) else "other", _first_line(exc)))
+    finally:
+        sender.close()
+
+
+def _data_segment() -> int | None:
+    """This process's data segment in bytes (what RLIMIT_DATA limits), None where /proc cannot tell."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _fetch(root: Path, query: str, limit: int, max_bytes: int) -> tuple[str, Any]:
+    """Run the query on a sandbox over root and collect its rows chunk by chunk, up to limit + 1 rows and
+    max_bytes."""
+    try:
+        con = sandbox(root, memory_limit=SQL_MEMORY_LIMIT, verify=False)
+    except ExportsUnreadable as exc:
+        return "unreadable", str(exc)
+    try:
+        try:
+            con.execute(query)
+            frames, rows, size = [], 0, 0
+            while rows <= limit:
+                chunk = con.fetch_df_chunk(1)
+                if frames and len(chunk) == 0:
+                    break
+                frames.append(chunk)
+                rows += len(chunk)
+                size += int(chunk.memory_usage(deep=True, index=False).sum())
+                if size > max_bytes:
+                    return "too_large", size
+                if len(chunk) == 0:
+                    break
+        except (duckdb.OutOfMemoryException, MemoryError):
+            return "memory", ""
+        except duckdb.PermissionException as exc:
+            return "permission", _first_line(exc)
+        except duckdb.CatalogException as exc:
+            return "catalog", _first_line(exc)
+        except duckdb.Error as exc:
+            return "duckdb", _first_line(exc)
+        except Exception as exc:  # e.g. a value pandas cannot hold
+            return "result", _first_line(exc)
+        frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        return "ok", frame
+    finally:
+        con.close()
 
 
 def _statements(con: duckdb.DuckDBPyConnection, query: str) -> list[Any]:
@@ -388,9 +556,9 @@ def _statements(con: duckdb.DuckDBPyConnection, query: str) -> list[Any]:
         raise AnalyticsError(_first_line(exc)) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException | str) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return text[0] if text else (type(exc).__name__ if isinstance(exc, BaseException) else "")
 
 
 # ------------------------------------------------------------------------------------------------------ dashboards
@@ -436,7 +604,7 @@ class Analytics:
             except duckdb.IOException:  # a compaction replaced files while the query listed them: once more
                 return self.con.execute(query, dict(params or {})).df()
         except duckdb.Error as exc:
-            raise AnalyticsError(f"analytics query failed: {_first_line(exc)}") from None
+            raise AnalyticsError(f"analytics query failed: {self._scrub(exc)}") from None
 
     def _rows(self, query: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
         try:
@@ -445,7 +613,10 @@ class Analytics:
             except duckdb.IOException:  # as in _df
                 return self.con.execute(query, dict(params or {})).fetchall()
         except duckdb.Error as exc:
-            raise AnalyticsError(f"analytics query failed: {_first_line(exc)}") from None
+            raise AnalyticsError(f"analytics query failed: {self._scrub(exc)}") from None
+
+    def _scrub(self, exc: BaseException) -> str:
+        return _scrub(_first_line(exc), self.exports_dir.resolve())
 
     @staticmethod
     def _prices(prices: Sequence[Price], params: dict[str, Any]) -> str:

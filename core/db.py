@@ -7,6 +7,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.config import Settings
 from core.errors import Unavailable
@@ -96,21 +97,54 @@ def with_database(url: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)
 
 
+class RecoveringPool(ConnectionPool):
+    """A connection pool that checks each connection on checkout and, when one fails its check, checks every idle
+    connection at once and serves the caller the next good one.
+
+    After a server restart every idle connection is dead. psycopg_pool's own `check` callback discards them one per
+    checkout attempt and waits between attempts with a growing backoff (1 s, 2 s, 4 s, …): 3 s to serve a request
+    with 3 idle connections, a pool timeout with 10. Here one failed check drops all the dead ones together
+    (`check()`: the connection is replaced by a fresh one in the background) and the request is served as soon as
+    a new connection is up, whatever the pool's size."""
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection:
+        """A working connection from the pool (see the class); PoolTimeout when none is ready in time."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                conn = super().getconn(timeout=max(deadline - time.monotonic(), 0.0))
+            except PoolTimeout:
+                raise PoolTimeout(f"couldn't get a connection after {limit:.2f} sec") from None
+            try:
+                ConnectionPool.check_connection(conn)
+            except Exception as exc:  # the connection is broken; so, most likely, are the others that sat idle
+                log.warning("pool %r: a connection failed its check (%s); checking every idle connection",
+                            self.name, " ".join(str(exc).split()) or type(exc).__name__)
+                self.putconn(conn)  # broken: the pool discards it and opens another
+                self.check()  # the others at once: the dead are replaced, the live go back
+                continue
+            except BaseException:  # interrupted: keep the connection in the pool, stop
+                self.putconn(conn)
+                raise
+            return conn
+
+
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 10, name: str = "promptdev",
               timeout: float = 30) -> ConnectionPool:
-    """Open a connection pool that checks connections on checkout, so it survives a server restart."""
+    """Open a connection pool that checks connections on checkout, so it survives a server restart (a restart
+    costs the next request only the time to connect again: see RecoveringPool)."""
     try:  # one direct attempt first: its error says why (refused, auth, no such database) in one line
         psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
     except psycopg.OperationalError as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DatabaseError(f"could not connect to PostgreSQL at {_redact(url)}: {reason}") from None
-    pool = ConnectionPool(
+    pool = RecoveringPool(
         url,
         min_size=min_size,
         max_size=max_size,
         name=name,
         open=False,
-        check=ConnectionPool.check_connection,
         reconnect_timeout=60,
         kwargs={"autocommit": True},
     )

@@ -3,9 +3,15 @@ late commits, crash recovery, compaction and full rebuilds."""
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -249,7 +255,7 @@ def test_an_export_interrupted_after_commit_is_finished_by_the_next(pool, settin
         raise OSError("disk pulled out")
 
     monkeypatch.setattr(exports, "_settle", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(exports.ExportError, match=r"^cannot use the exports directory .*: disk pulled out$"):
         exports.export(pool, settings)
     assert exports.parquet_files(settings.exports_dir, "executions") == []  # only *.tmp: readers see nothing
     assert list(Path(settings.exports_dir).glob("executions/*/*.tmp"))
@@ -440,3 +446,135 @@ def test_one_export_per_directory_at_a_time(pool, settings):
         list(exports.export_iter(pool, settings, wait=False))
     list(running)
     assert exports.export(pool, settings).rows == 0 and exported(settings) == in_postgres(pool)
+
+
+# ---------------------------------------------------------------------------------- unusable exports directories
+# Tests run as root, where a mode of 0500 stops nothing: a directory is made read-only with the immutable attribute
+# (`chattr +i`: nothing can be created, renamed or deleted in it, even by root), and full with RLIMIT_FSIZE in a
+# subprocess (writes past the limit fail with EFBIG, as they would with ENOSPC on a full disk).
+
+@contextmanager
+def read_only(root: Path):
+    """Every directory under root (and root) immutable while the block runs."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    dirs = [str(root), *(str(p) for p in sorted(root.rglob("*")) if p.is_dir() and not p.is_symlink())]
+    done = subprocess.run(["chattr", "+i", *dirs], capture_output=True, text=True)
+    if done.returncode != 0:
+        subprocess.run(["chattr", "-i", *dirs], capture_output=True)
+        pytest.skip(f"this file system has no immutable attribute: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *dirs], check=True)
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Unfinished files an export left behind."""
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_read_only_exports_directory_is_one_clear_error(pool, settings):
+    from core.errors import Unavailable, kind_of
+
+    root = Path(settings.exports_dir)
+    seed(pool, 300)
+    exports.export(pool, settings)
+    before = {s.table: s.last_id for s in exports.status(pool, settings)}
+    files = exports.parquet_files(root, "executions")
+    seed(pool, 300, start=datetime(2025, 4, 1, tzinfo=UTC), rng_seed=1)  # new days: new directories and files
+    with read_only(root):
+        with pytest.raises(exports.ExportError) as caught:
+            exports.export(pool, settings)
+        message = str(caught.value)
+        assert message.startswith(f"cannot use the exports directory {root}: Operation not permitted")
+        assert "\n" not in message and "Traceback" not in message
+        assert kind_of(caught.value) is Unavailable
+        with pytest.raises(exports.ExportError, match="Operation not permitted"):  # --full: nothing is discarded
+            exports.export(pool, settings, full=True)
+        assert exports.parquet_files(root, "executions") == files
+    assert not leftovers(root)
+    assert {s.table: s.last_id for s in exports.status(pool, settings)} == before  # no watermark moved
+    assert exports.export(pool, settings).rows == 300  # writable again: everything arrives, once
+    assert exported(settings) == in_postgres(pool)
+
+
+def test_a_read_only_fresh_exports_directory_and_a_path_under_a_file(pool, settings, tmp_path):
+    from core.errors import InvalidInput, Unavailable, kind_of
+
+    fresh = tmp_path / "ro-exports"
+    fresh.mkdir()
+    with read_only(fresh):
+        with pytest.raises(exports.ExportError, match=rf"^cannot use the exports directory {fresh}: Operation not "
+                                                      "permitted"):
+            exports.export(pool, fresh)
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(exports.ExportError) as caught:
+        exports.export(pool, tmp_path / "a-file" / "exports")
+    assert str(caught.value).startswith(f"cannot use the exports directory {tmp_path / 'a-file' / 'exports'}: "
+                                        "Not a directory")
+    assert kind_of(caught.value) is InvalidInput
+    with pytest.raises(exports.ExportError, match="File exists|Not a directory") as caught:
+        exports.export(pool, tmp_path / "a-file")  # the exports path itself a file
+    assert kind_of(caught.value) in (InvalidInput, Unavailable)
+
+
+def test_export_command_on_a_read_only_directory_prints_one_line(app_env, pool, capsys):
+    from core.cli import main
+
+    root = Path(app_env.exports_dir)
+    seed(pool, 100)
+    assert main(["export"]) == 0
+    seed(pool, 100, start=datetime(2025, 4, 1, tzinfo=UTC), rng_seed=1)
+    capsys.readouterr()
+    with read_only(root):
+        assert main(["export"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("promptdev:") == 1
+        last = err.splitlines()[-1]  # after the progress bar's line
+        assert re.fullmatch(rf"promptdev: cannot use the exports directory {re.escape(str(root))}: Operation not "
+                            r"permitted \(executions/day=2025-04-0\d\)", last), err
+        assert main(["analytics", "query", "SELECT count(*) AS n FROM executions", "--format", "csv"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert err.startswith(f"promptdev: cannot use the exports directory {root}: Operation not permitted")
+        assert "--no-export" in err  # what to do: the exports as they are can still be queried
+        assert main(["analytics", "query", "SELECT count(*) AS n FROM executions", "--format", "csv",
+                     "--no-export"]) == 0
+        assert capsys.readouterr().out.split() == ["n", "100"]
+    assert not leftovers(root)
+
+
+def _cli(env: dict, *args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    def limit():  # in the child: files may not grow past fsize bytes (Python ignores SIGXFSZ: writes fail EFBIG)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    promptdev = Path(sys.executable).with_name("promptdev")
+    return subprocess.run([str(promptdev), *args], capture_output=True, text=True, env=env, timeout=300,
+                          preexec_fn=limit if fsize else None)
+
+
+def test_a_full_exports_directory_is_one_line_and_leaves_nothing_half_written(app_env, pool):
+    root = Path(app_env.exports_dir)
+    env = os.environ.copy()
+    seed(pool, 20)
+    assert _cli(env, "export").returncode == 0  # the directory and its marker exist
+    before = {s.table: s.last_id for s in exports.status(pool, app_env)}
+    seed(pool, 20000, rng_seed=2)
+    done = _cli(env, "export", fsize=64 << 10)  # 64 KB: the first file outgrows it
+    assert done.returncode == 1
+    lines = [line.split("\r")[-1] for line in done.stderr.splitlines() if "promptdev:" in line]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert lines == [f"promptdev: cannot use the exports directory {root}: File too large: free some space, or point "
+                     "PROMPTDEV_DATA_DIR elsewhere"], done.stderr
+    assert not leftovers(root)
+    assert {s.table: s.last_id for s in exports.status(pool, app_env)} == before
+    done = _cli(env, "analytics", "query", "SELECT count(*) AS n FROM executions", "--format", "csv",
+                fsize=64 << 10)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if "promptdev:" in line][0].startswith(
+        f"promptdev: cannot use the exports directory {root}: File too large")
+    assert _cli(env, "export").returncode == 0
+    assert exported(app_env) == in_postgres(pool)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from core import db
 from core.cli._common import fail
 from core.config import Settings
+from core.text import csv_safe
 
 # core.analytics and core.exports load DuckDB, pandas and pyarrow, which take about a second to import: the commands
 # below import them when they run, so that every other promptdev command starts without them.
@@ -34,8 +33,8 @@ def register(subparsers: Any) -> None:
     q = sub.add_parser("query", help="run one read-only SELECT over the exports (tables: executions, "
                                      "conversation_messages, interventions, guardrail_events, eval_results)")
     q.add_argument("sql", help='e.g. "SELECT model_name, count(*) FROM executions GROUP BY 1"')
-    q.add_argument("--limit", type=int, default=1000, help="row limit (default 1000)")
-    q.add_argument("--timeout", type=float, default=30.0, help="time limit in seconds (default 30)")
+    q.add_argument("--limit", type=int, default=1000, help="row limit (default 1000, at most 100,000)")
+    q.add_argument("--timeout", type=float, default=30.0, help="time limit in seconds (default 30, at most 120)")
     _common(q)
     q.set_defaults(func=_query)
 
@@ -108,21 +107,25 @@ def _filters(args: argparse.Namespace):
 
 
 def progress(iterable, total: int | None = None, label: str = "", stream=None):
-    """Yield from iterable while drawing a one-line progress bar on stderr."""
+    """Yield from iterable while drawing a one-line progress bar on stderr (ended by a line break also when the
+    iterable fails, so that the error is a line of its own)."""
     stream = stream or sys.stderr
     count = 0
-    for item in iterable:
-        yield item
-        count += 1
-        if total:
-            width = 30
-            filled = int(width * count / total)
-            stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {count}/{total}")
-        else:
-            stream.write(f"\r{label} {count}")
-        stream.flush()
-    stream.write("\n")
-    stream.flush()
+    try:
+        for item in iterable:
+            yield item
+            count += 1
+            if total:
+                width = 30
+                filled = int(width * count / total)
+                stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {count}/{total}")
+            else:
+                stream.write(f"\r{label} {count}")
+            stream.flush()
+    finally:
+        if count:
+            stream.write("\n")
+            stream.flush()
 
 
 def _run_export(settings: Settings, tables=None, full: bool = False, quiet: bool = False) -> list:
@@ -157,13 +160,18 @@ def _maybe_export(args: argparse.Namespace, settings: Settings) -> None:
 
     if getattr(args, "no_export", False):
         return
-    if exports.is_stale(db.get_pool(settings), settings, min_interval_s=0):
-        _run_export(settings, quiet=True)
+    try:
+        if exports.is_stale(db.get_pool(settings), settings, min_interval_s=0):
+            _run_export(settings, quiet=True)
+    except exports.ExportError as exc:  # one line, with the way to query the exports as they are
+        if isinstance(exc, (exports.ExportBusy, exports.ExportDamaged)):
+            raise
+        raise type(exc)(f"{exc} (--no-export queries the exports as they are)") from exc
 
 
 def _print(frame, fmt: str) -> None:
-    if fmt == "csv":
-        frame.to_csv(sys.stdout, index=False)
+    if fmt == "csv":  # cells a spreadsheet would evaluate as a formula are quoted
+        csv_safe(frame).to_csv(sys.stdout, index=False)
     elif fmt == "json":
         print(frame.to_json(orient="records", date_format="iso"))
     elif frame.empty:
@@ -175,27 +183,12 @@ def _print(frame, fmt: str) -> None:
             print(frame.to_string(index=False))
 
 
-def _query_still_running() -> bool:
-    """True while a query given up at its time limit still runs (core.analytics runs each on an analytics-sql
-    thread, and DuckDB cannot stop some operations at once)."""
-    return any(t.name == "analytics-sql" and t.is_alive() for t in threading.enumerate())
-
-
 def _query(args: argparse.Namespace, settings: Settings) -> int:
-    from core.analytics import QueryRefused, run_sql  # DuckDB: see the top
+    from core.analytics import run_sql  # DuckDB: see the top
 
     _maybe_export(args, settings)
-    try:
-        result = run_sql(settings.exports_dir, args.sql, limit=args.limit, time_limit_s=args.timeout)
-    except QueryRefused as exc:
-        if args.own_process and _query_still_running():
-            # DuckDB is still stopping the query on a thread: exit now, at the time limit, with the one-line
-            # reason (an interpreter shutdown would wait for nothing useful and print DuckDB's teardown noise).
-            print(f"promptdev: {exc}", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-        raise
+    # The query runs in a child process, killed at the time limit: the command ends on time whatever DuckDB does.
+    result = run_sql(settings.exports_dir, args.sql, limit=args.limit, time_limit_s=args.timeout)
     _print(result.frame, args.format)
     if result.truncated:
         print(f"(first {result.limit:,} rows; raise --limit for more)", file=sys.stderr)
