@@ -461,7 +461,13 @@ def test_sql_box_allows_reads_inside_the_exports(sandboxed):
     assert analytics.run_sql(sandboxed, "SELECT ';' AS a -- ; COPY").frame["a"].iloc[0] == ";"
 
 
+def warm(root: Path) -> None:
+    """Start the SQL box's forkserver (once per process, not counted in any time limit) before timing a query."""
+    assert analytics.run_sql(root, "SELECT 1 AS one").frame["one"].iloc[0] == 1
+
+
 def test_sql_box_answers_at_the_time_limit_even_when_duckdb_cannot_be_interrupted(sandboxed):
+    warm(sandboxed)
     started = time.perf_counter()
     with pytest.raises(QueryRefused, match=r"^stopped: the query ran longer than the 0.5 s time limit$"):
         analytics.run_sql(sandboxed, "SELECT list_sort(range(20000000))[1] AS x", time_limit_s=0.5)
@@ -648,6 +654,7 @@ class Watch:
 
 @pytest.mark.parametrize("query, limit", HOSTILE)
 def test_hostile_queries_stay_bounded(sandboxed, query, limit):
+    warm(sandboxed)
     watch = Watch()
     started = time.perf_counter()
     try:
