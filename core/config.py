@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import psycopg
 
+from core import outbound
 from core.errors import InvalidInput
 from core.model_files import DEFAULT_MODEL_FILENAME
 
@@ -59,6 +60,9 @@ class Settings:
     openai_model: str | None = _setting(None, "the model name on the OpenAI-compatible server")
     openai_timeout: float = _setting(120.0, "per-request timeout in seconds", positive=True)
     openai_max_retries: int = _setting(4, "retries on connection errors, 429 and 5xx", min=0)
+    model_key_env_allow: str | None = _setting(
+        "PROMPTDEV_KEY_*,OPENAI_API_KEY", "environment variables a registered model server may read its API key from: "
+        "names, or prefixes ending in *, separated by commas; empty: none")
     default_template: str = _setting("companion", "the template conversations use unless an operator assigns another")
     retention_days: int = _setting(0, "conversations idle longer than this are deleted; 0: keep", min=0)
     metrics_port: int = _setting(0, "Prometheus endpoint port; 0: off", min=0, max=65535)
@@ -169,13 +173,18 @@ def validate(settings: Settings) -> Settings:
     if settings.backend == "openai":
         if not settings.openai_base_url:
             raise SettingsError("PROMPTDEV_OPENAI_BASE_URL: required when PROMPTDEV_BACKEND=openai")
-        if not settings.openai_base_url.startswith(("http://", "https://")):
-            raise SettingsError(f"PROMPTDEV_OPENAI_BASE_URL: must start with http:// or https://, "
-                                f"got {settings.openai_base_url!r}")
+        try:  # the checks of a registered server's URL; its addresses are checked at each request
+            outbound.check_base_url(settings.openai_base_url, resolve=False)
+        except outbound.URLRefused as exc:
+            raise SettingsError(f"PROMPTDEV_OPENAI_BASE_URL: {exc}") from None
         if not settings.openai_model:
             raise SettingsError("PROMPTDEV_OPENAI_MODEL: required when PROMPTDEV_BACKEND=openai")
     if settings.database_url:
         _check_database_url(settings.database_url)
+    for pattern in key_env_patterns(settings):
+        if not _KEY_ENV_PATTERN.match(pattern):
+            raise SettingsError(f"PROMPTDEV_MODEL_KEY_ENV_ALLOW: {pattern!r} is not a variable name or a prefix "
+                                f"ending in * (like PROMPTDEV_KEY_*)")
     if not _ADDRESS.match(settings.address or ""):
         raise SettingsError(f"PROMPTDEV_ADDRESS: not an IP address or host name: {settings.address!r}")
     if settings.base_url:
@@ -185,6 +194,14 @@ def validate(settings: Settings) -> Settings:
     if settings.n_batch > settings.n_ctx:
         raise SettingsError("PROMPTDEV_N_BATCH: must not exceed PROMPTDEV_N_CTX")
     return settings
+
+
+_KEY_ENV_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+
+
+def key_env_patterns(settings: Settings) -> tuple[str, ...]:
+    """The entries of PROMPTDEV_MODEL_KEY_ENV_ALLOW: variable names, or prefixes ending in `*`."""
+    return tuple(p for p in (settings.model_key_env_allow or "").replace(",", " ").split() if p)
 
 
 _ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45})$")

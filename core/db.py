@@ -1,11 +1,24 @@
-"""PostgreSQL: the embedded server, the per-process connection pool and the SQL migrations."""
+"""PostgreSQL: the embedded server, the per-process connection pool and the SQL migrations.
+
+The app never works as a superuser. The embedded server is set up by its superuser (a passwordless one, on a socket
+only this OS user can reach) once per process: a login role `promptdev_app` that is no superuser, cannot create
+databases or roles and belongs to no other role, with a random password kept 0600 in the data directory, and the
+database `promptdev` that it owns; the pool, the migrations and everything else connect as that role
+(`database_url`), so SQL that reaches the server can do what the workbench's own tables allow and no more (no
+`COPY … FROM PROGRAM`, no server files). An external PROMPTDEV_DATABASE_URL needs no more either: a role that owns
+its database (or may create in its schema) runs the migrations. `embedded_url` is the superuser's URL, for set-up
+and for tests.
+"""
 
 from __future__ import annotations
 
 import enum
+import fcntl
 import hashlib
 import logging
+import os
 import re
+import secrets
 import threading
 import time
 import warnings
@@ -83,11 +96,148 @@ def embedded_url(postgres_dir: Path) -> str:
     return server.get_uri()
 
 
+APP_ROLE = "promptdev_app"      # the embedded server's role for the app: no superuser, owns APP_DATABASE only
+APP_DATABASE = "promptdev"
+APP_PASSWORD_FILE = "postgres-app.password"  # in the data directory, 0600
+_app_urls: dict[str, str] = {}
+_app_urls_lock = threading.Lock()
+
+
 def database_url(settings: Settings) -> str:
-    """The URL of the configured database, starting the embedded one when none is configured."""
+    """The URL the app connects with: PROMPTDEV_DATABASE_URL, or the embedded server (started when needed) as the
+    unprivileged APP_ROLE on APP_DATABASE (`embedded_app_url`)."""
     if settings.database_url:
         return settings.database_url
-    return embedded_url(settings.postgres_dir)
+    return embedded_app_url(settings.postgres_dir)
+
+
+def with_role(url: str, user: str, password: str | None = None) -> str:
+    """Return url with another user (and password, or none)."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["user"] = user
+    info.pop("password", None)
+    if password:
+        info["password"] = password
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+def ensure_app_role(conn: psycopg.Connection, role: str = APP_ROLE, password: str | None = None) -> None:
+    """As a superuser: create the login role if it is missing and make sure it is unprivileged — NOSUPERUSER,
+    NOCREATEDB, NOCREATEROLE, NOREPLICATION, NOBYPASSRLS, a member of no role (pg_execute_server_program and the
+    like included) — with this password (sent as a SCRAM verifier, never in clear) or none."""
+    attrs = sql.SQL("LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")
+    if password:
+        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+        attrs = sql.SQL("{} PASSWORD {}").format(attrs, sql.Literal(verifier))
+    else:
+        attrs = sql.SQL("{} PASSWORD NULL").format(attrs)
+    name = sql.Identifier(role)
+    flags = "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolcanlogin " \
+            "FROM pg_roles WHERE rolname = %s"
+    found = conn.execute(flags, (role,)).fetchone()
+    if found is None:
+        try:
+            conn.execute(sql.SQL("CREATE ROLE {} {}").format(name, attrs))
+            return
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            found = conn.execute(flags, (role,)).fetchone()  # another process created it meanwhile
+    if password or tuple(found) != (False, False, False, False, False, True):  # (no needless catalog updates)
+        conn.execute(sql.SQL("ALTER ROLE {} {}").format(name, attrs))
+    for (granted,) in conn.execute("SELECT roleid::regrole::text FROM pg_auth_members "
+                                   "WHERE member = (SELECT oid FROM pg_roles WHERE rolname = %s)", (role,)).fetchall():
+        conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(granted), name))
+
+
+def own_public_objects(conn: psycopg.Connection, role: str) -> int:
+    """As a superuser, in the connected database: give role every table, view, sequence, function and type of the
+    schema public that another role owns (a database copied from one the superuser migrated); the count."""
+    rows = conn.execute(
+        """WITH r AS (SELECT oid FROM pg_roles WHERE rolname = %(role)s)
+           SELECT 1, CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                                    WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, c.oid::regclass::text
+           FROM pg_class c
+           WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+             AND c.relowner <> (SELECT oid FROM r)
+             AND NOT (c.relkind = 'S' AND EXISTS (  -- a sequence a column owns follows its table
+                 SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                 AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')))
+           UNION ALL
+           SELECT 2, 'ROUTINE', p.oid::regprocedure::text FROM pg_proc p
+           WHERE p.pronamespace = 'public'::regnamespace AND p.proowner <> (SELECT oid FROM r)
+           UNION ALL
+           SELECT 3, 'TYPE', t.oid::regtype::text FROM pg_type t
+           WHERE t.typnamespace = 'public'::regnamespace AND t.typrelid = 0 AND t.typtype IN ('e', 'd', 'r', 'm')
+             AND t.typowner <> (SELECT oid FROM r)
+           ORDER BY 1""", {"role": role}).fetchall()
+    for _, kind, name in rows:  # names as the catalog prints them: quoted where they need it
+        conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(sql.SQL(kind), sql.SQL(name), sql.Identifier(role)))
+    return len(rows)
+
+
+def _app_password(data_dir: Path) -> str:
+    """The app role's password, made once (random) and kept 0600 in the data directory."""
+    path = data_dir / APP_PASSWORD_FILE
+    try:
+        password = path.read_text(encoding="ascii").strip()
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        if password:
+            return password
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(password + "\n")
+    return password
+
+
+def embedded_app_url(postgres_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL under postgres_dir, set up its app role and database (as its
+    superuser, once per process) and return the URL the app connects with: APP_ROLE on APP_DATABASE.
+
+    A data directory the workbench used before it had a role of its own keeps its tables in the superuser's
+    database `postgres`: they are copied into APP_DATABASE (made from it as a template) and handed to APP_ROLE; the
+    old copy is left where it was."""
+    postgres_dir = Path(postgres_dir)
+    admin = embedded_url(postgres_dir)
+    key = f"{postgres_dir.resolve()}|{admin}"
+    with _app_urls_lock:
+        if key in _app_urls:
+            return _app_urls[key]
+        data_dir = postgres_dir.parent
+        lock = os.open(data_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process sets up at a time (the others then find it done)
+            password = _app_password(data_dir)
+            _set_up_app_database(admin, password)
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise DatabaseError(f"could not set up the embedded PostgreSQL's role {APP_ROLE}: {reason}") from None
+        finally:
+            os.close(lock)  # releases the lock
+        url = with_database(with_role(admin, APP_ROLE, password), APP_DATABASE)
+        _app_urls[key] = url
+        return url
+
+
+def _set_up_app_database(admin_url: str, password: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        ensure_app_role(conn, APP_ROLE, password)
+        role, database = sql.Identifier(APP_ROLE), sql.Identifier(APP_DATABASE)
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (APP_DATABASE,)).fetchone():
+            legacy = conn.execute("SELECT current_database() = 'postgres' "
+                                  "AND to_regclass('public.schema_migrations') IS NOT NULL").fetchone()[0]
+            template = sql.Identifier("postgres" if legacy else "template0")
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE {}").format(database, role, template))
+            if legacy:
+                log.warning("the workbench's tables were copied from the database postgres into %s, owned by %s; "
+                            "the old copy in postgres is no longer used", APP_DATABASE, APP_ROLE)
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database, role))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database))
+    with psycopg.connect(with_database(admin_url, APP_DATABASE), autocommit=True) as conn:
+        own_public_objects(conn, APP_ROLE)
 
 
 def with_database(url: str, dbname: str) -> str:
@@ -231,12 +381,14 @@ def server_info(conn: psycopg.Connection) -> dict[str, Any]:
         ).fetchone()
 
 
-def create_database(url: str, name: str, template: str | None = None) -> None:
-    """CREATE DATABASE name [TEMPLATE template] on the server behind url."""
+def create_database(url: str, name: str, template: str | None = None, owner: str | None = None) -> None:
+    """CREATE DATABASE name [TEMPLATE template] [OWNER owner] on the server behind url."""
     with psycopg.connect(url, autocommit=True) as conn:
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+        if owner:
+            query = sql.SQL("{} OWNER {}").format(query, sql.Identifier(owner))
         conn.execute(query)
 
 

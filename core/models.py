@@ -3,11 +3,23 @@
 A model is a GGUF file run in-process by llama.cpp (path, chat format, context size, file SHA-256) or a model on an
 OpenAI-compatible server (base URL, remote model name and the *name* of the environment variable holding its key —
 never the key itself). The model the settings configure is registered automatically and marked default.
+
+What a registration may point at is limited, since whoever registers a model need not be whoever runs the machine:
+
+- a GGUF file must lie inside the models directory (`settings.models_dir`), symbolic links and `..` resolved; any
+  other path is refused with one message that does not depend on whether it exists (the file the settings name,
+  PROMPTDEV_MODEL_PATH, is configuration and may be anywhere). Only files there get a `.sha256` side-car.
+- a server's base URL is checked by `core.outbound` (http or https, no user name or password, no link-local or cloud
+  metadata address, every address its name resolves to): at registration, and again at each request.
+- the API key variable must be on the administrator's allow-list, PROMPTDEV_MODEL_KEY_ENV_ALLOW (names, or prefixes
+  ending in `*`): at registration, and again when the key is read. The settings' own key variable is allowed for
+  the server the settings name.
 Backends come from the process's one registry in `core.llm`, keyed by `model_spec(model, settings)` (the default
 model's by `llm.ModelSpec.from_settings`); removing a model unloads its backend.
 
 Errors: an unknown model is `ModelNotFound` (NotFound), a name taken `ModelExists` (Conflict), a removal the state
-forbids `ModelInUse` (Conflict), a bad registration `InvalidModel` (InvalidInput).
+forbids `ModelInUse` (Conflict), a bad registration (a path, URL or key variable refused above among them)
+`InvalidModel` (InvalidInput).
 """
 
 from __future__ import annotations
@@ -23,10 +35,10 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from core import llm
-from core.config import CHAT_FORMATS, Settings
+from core import llm, outbound
+from core.config import CHAT_FORMATS, Settings, default_model_path, key_env_patterns, load_settings
 from core.errors import Conflict, InvalidInput, NotFound
-from core.model_files import ModelFileError, check_gguf, file_sha256
+from core.model_files import ModelFileError, check_gguf, file_sha256, is_inside
 
 IN_PROCESS, SERVER = llm.IN_PROCESS, llm.SERVER  # a GGUF loaded in this process; an OpenAI-compatible server
 MODEL_BACKENDS = (IN_PROCESS, SERVER)
@@ -98,34 +110,89 @@ def _check_fields(name: str, backend: str, path: str | Path | None, base_url: st
     else:
         if path:
             raise InvalidModel("an openai model takes a base URL and remote model, not a GGUF path")
-        if not base_url or not str(base_url).startswith(("http://", "https://")):
-            raise InvalidModel(f"base URL must start with http:// or https://, got {base_url!r}")
+        try:  # its form; its addresses once the other fields are fine (register_model)
+            outbound.check_base_url(base_url, resolve=False)
+        except outbound.URLRefused as exc:
+            raise InvalidModel(str(exc)) from None
         if not remote_model or not str(remote_model).strip():
             raise InvalidModel("an openai model needs the model name on the server (remote model)")
-        if api_key_env and not _ENV_NAME.match(api_key_env):
-            raise InvalidModel(f"API key variable must be an environment variable name (like OPENAI_API_KEY), "
-                             f"got {api_key_env!r}; never give the key itself")
+        if api_key_env and not _ENV_NAME.match(api_key_env):  # not repeated: it may be the key itself
+            raise InvalidModel("API key variable must be an environment variable name (like PROMPTDEV_KEY_MYSERVER); "
+                               "never give the key itself")
+
+
+def key_env_allowed(name: str, settings: Settings, base_url: str | None = None) -> bool:
+    """True when a model server may read its API key from the variable `name`: it is on the allow-list
+    (PROMPTDEV_MODEL_KEY_ENV_ALLOW: names, or prefixes ending in `*`), or it is the settings' own key variable and
+    base_url is the server the settings name."""
+    for pattern in key_env_patterns(settings):
+        if name == pattern or (pattern.endswith("*") and name.startswith(pattern[:-1])):
+            return True
+    if settings.openai_base_url and base_url == settings.openai_base_url.rstrip("/"):
+        return name in ("PROMPTDEV_OPENAI_API_KEY", "OPENAI_API_KEY")
+    return False
+
+
+def _refused_key_env(settings: Settings, name: str = "") -> str:
+    """Why a key variable is refused; the name only when it comes from the registry (what a user types may be a
+    key that looks like a name)."""
+    allowed = ", ".join(key_env_patterns(settings)) or "none"
+    return (f"API key variable {name or 'given'} is not one models may read (PROMPTDEV_MODEL_KEY_ENV_ALLOW allows: "
+            f"{allowed}); put the key in an allowed variable")
+
+
+def _gguf_path(path: str | Path, settings: Settings) -> str:
+    """The real path of a GGUF a user names: a file name or path inside the models directory (relative paths are
+    taken from there), or the file the settings name. Anything else is refused with one message, decided before
+    the path is looked at outside the models directory, so it says nothing about what exists there."""
+    models_dir = os.path.abspath(settings.models_dir)
+    refused = InvalidModel(f"the GGUF file must be inside the models directory {models_dir}: give its name there or "
+                           f"a path inside it (without ..)")
+    raw = os.fspath(path) if isinstance(path, (str, Path)) else ""
+    if not raw or "\0" in raw:
+        raise refused
+    normal = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(models_dir, raw))
+    configured = default_model_path(settings)
+    if normal in (os.path.normpath(os.path.abspath(configured)), os.path.realpath(configured)):
+        return os.path.realpath(configured)  # configuration, not user input: anywhere
+    if ".." in Path(raw).parts:
+        raise refused
+    roots = {models_dir, os.path.realpath(models_dir)}
+    if not any(normal.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        raise refused  # decided on the text alone: nothing outside was looked at
+    if not is_inside(normal, models_dir):  # a symbolic link inside that leads out
+        raise refused
+    return os.path.realpath(normal)
 
 
 def register_model(pool: ConnectionPool, name: str, *, backend: str = "llama_cpp", path: str | Path | None = None,
                    base_url: str | None = None, remote_model: str | None = None, api_key_env: str | None = None,
-                   chat_format: str = "auto", n_ctx: int = 4096, make_default: bool = False) -> Model:
-    """Register a model: a GGUF file (checked, SHA-256 recorded) or a model on an OpenAI-compatible server."""
+                   chat_format: str = "auto", n_ctx: int = 4096, make_default: bool = False,
+                   settings: Settings | None = None) -> Model:
+    """Register a model: a GGUF file inside the models directory (checked, SHA-256 recorded) or a model on an
+    OpenAI-compatible server (URL and key variable checked: see the module). `settings` gives the models
+    directory and the key allow-list (default: the process's settings, `load_settings()`)."""
+    settings = load_settings() if settings is None else settings
     name = name.strip() if isinstance(name, str) else name
     api_key_env = (api_key_env or "").strip() or None
     _check_fields(name, backend, path, base_url, remote_model, api_key_env, chat_format, n_ctx)
     sha256 = None
     if backend == "llama_cpp":
-        path = Path(path).expanduser().resolve()
+        path = _gguf_path(path, settings)
         try:
-            check_gguf(path)
-        except ModelFileError as exc:  # names the file
+            check_gguf(Path(path))
+        except ModelFileError as exc:  # names the file, which is inside the models directory
             raise InvalidModel(str(exc)) from None
-        sha256 = file_sha256(path)
-        path = str(path)
+        sha256 = file_sha256(Path(path), settings.models_dir)
     else:
         base_url = str(base_url).rstrip("/")
         remote_model = str(remote_model).strip()
+        if api_key_env and not key_env_allowed(api_key_env, settings, base_url):
+            raise InvalidModel(_refused_key_env(settings))
+        try:
+            outbound.check_base_url(base_url)  # every address the host resolves to
+        except outbound.URLRefused as exc:
+            raise InvalidModel(str(exc)) from None
     with pool.connection() as conn, conn.transaction():
         if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
             raise ModelExists(f"a model named {name!r} is already registered")
@@ -196,12 +263,14 @@ def delete_model(pool: ConnectionPool, name: str) -> None:
 def model_spec(model: Model, settings: Settings) -> llm.ModelSpec:
     """The backend spec of a registered model: its file, context and chat format (or server, remote model and key
     variable) with the settings' threads, batch sizes, timeout and retries. InvalidModel when its key variable is
-    named but not set."""
+    named but not set, or not (any more) one models may read (`key_env_allowed`)."""
     if model.backend == IN_PROCESS:
         return llm.ModelSpec.in_process(model.path, settings, name=model.name, n_ctx=model.n_ctx,
                                         chat_format=model.chat_format)
     api_key = None
     if model.api_key_env:
+        if not key_env_allowed(model.api_key_env, settings, model.base_url):
+            raise InvalidModel(f"model {model.name!r}: {_refused_key_env(settings, model.api_key_env)}")
         api_key = os.environ.get(model.api_key_env)
         if not api_key:
             raise InvalidModel(f"model {model.name!r} reads its API key from ${model.api_key_env}, which is not set")
@@ -227,7 +296,12 @@ def _default_entry(settings: Settings) -> dict[str, Any]:
             check_gguf(Path(spec.path))
         except ModelFileError as exc:  # the configured model is not there: the model is unavailable
             raise llm.ModelFileUnavailable(str(exc)) from None
-        sha256 = file_sha256(Path(spec.path))
+        sha256 = file_sha256(Path(spec.path), settings.models_dir)
+    else:  # the admin's URL: no allow-list for its key, but no link-local or metadata address either
+        try:
+            outbound.check_base_url(spec.base_url, unresolvable_ok=True)
+        except outbound.URLRefused as exc:
+            raise llm.ServerForbidden(f"PROMPTDEV_OPENAI_BASE_URL: {exc}") from None
     return {"backend": spec.kind, "name": spec.name, "path": spec.path, "base_url": spec.base_url,
             "remote_model": spec.model, "api_key_env": spec.api_key_env, "chat_format": settings.chat_format,
             "n_ctx": settings.n_ctx, "sha256": sha256}

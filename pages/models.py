@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core import models
-from core.config import CHAT_FORMATS
+from core.config import CHAT_FORMATS, key_env_patterns
 from pages import glue, widgets
 
 GGUF, SERVER = "GGUF file (in-process model)", "OpenAI-compatible server"
@@ -28,11 +28,18 @@ def register_form() -> None:
     with st.form("models.form", clear_on_submit=False):
         name = st.text_input("Name", key="models.name")
         kind = st.radio("Kind", [GGUF, SERVER], key="models.kind", horizontal=True)
-        path = st.text_input("GGUF path", key="models.path")
-        base_url = st.text_input("Base URL", key="models.base_url", placeholder="http://host:8000/v1")
+        path = st.text_input("GGUF path", key="models.path", placeholder="mistral-7b-instruct.Q4_K_M.gguf",
+                             help=f"a file in the models directory, `{settings.models_dir}`: its name, or a path "
+                                  f"inside that directory")
+        base_url = st.text_input("Base URL", key="models.base_url", placeholder="http://host:8000/v1",
+                                 help="http:// or https://, without a user name or password; link-local and cloud "
+                                      "metadata addresses are refused")
         remote = st.text_input("Model name on the server", key="models.remote_model")
+        allowed = (", ".join(f"`{p}`" for p in key_env_patterns(settings))
+                   or "none (`PROMPTDEV_MODEL_KEY_ENV_ALLOW` is empty)")
         key_env = st.text_input("API key environment variable (its name, never the key)", key="models.api_key_env",
-                                placeholder="OPENAI_API_KEY")
+                                placeholder="PROMPTDEV_KEY_MYSERVER", help=f"variables the administrator allows: "
+                                                                          f"{allowed}")
         left, right = st.columns(2)
         chat_format = left.selectbox("Chat format", CHAT_FORMATS, key="models.chat_format")
         n_ctx = right.number_input("Context size", 128, 1_048_576, value=4096, step=512, key="models.n_ctx")
@@ -44,7 +51,7 @@ def register_form() -> None:
                         pool, name, backend=models.IN_PROCESS if gguf else models.SERVER,
                         path=path.strip() if gguf else None, base_url=None if gguf else base_url.strip(),
                         remote_model=None if gguf else remote.strip(), api_key_env=None if gguf else key_env.strip(),
-                        chat_format=chat_format, n_ctx=int(n_ctx))
+                        chat_format=chat_format, n_ctx=int(n_ctx), settings=settings)
                 widgets.flash("success", f"Registered {added.name} ({added.backend})")
                 st.rerun()
 

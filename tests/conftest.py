@@ -23,6 +23,7 @@ from tests import signin
 
 TEST_DATA_DIR = PROJECT_ROOT / "data" / "test"
 TEMPLATE_DB = "promptdev_test_template"
+TEST_ROLE = "promptdev_test_app"  # like the app's role: no superuser; owns the template and each test's database
 APP_PATH = str(PROJECT_ROOT / "app.py")  # for AppTest.from_file(APP_PATH)
 
 
@@ -37,24 +38,39 @@ def pg_server_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def template_db(pg_server_url: str) -> str:
-    """A freshly migrated database that each test's database is cloned from."""
+def unprivileged_role(pg_server_url: str) -> str | None:
+    """The unprivileged role tests connect as (TEST_ROLE, made by the server's superuser), or None when the server
+    URL is no superuser's (an external test server): then its own role."""
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            return None
+        db.ensure_app_role(conn, TEST_ROLE)
+    return TEST_ROLE
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server_url: str, unprivileged_role: str | None) -> str:
+    """A freshly migrated database that each test's database is cloned from, migrated by (and owned by) the
+    unprivileged test role, as the app's database is."""
     name = f"{TEMPLATE_DB}_{os.getpid()}"
     db.drop_database(pg_server_url, name)
-    db.create_database(pg_server_url, name)
+    db.create_database(pg_server_url, name, owner=unprivileged_role)
     url = db.with_database(pg_server_url, name)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(db.with_role(url, unprivileged_role) if unprivileged_role else url, autocommit=True) as conn:
         db.migrate(conn)
     yield name
     db.drop_database(pg_server_url, name)
 
 
 @pytest.fixture
-def database_url(pg_server_url: str, template_db: str) -> str:
-    """URL of a fresh database cloned from the migrated template, dropped after the test."""
+def database_url(pg_server_url: str, template_db: str, unprivileged_role: str | None) -> str:
+    """URL of a fresh database cloned from the migrated template, dropped after the test; it connects as the
+    unprivileged test role, which owns it and everything in it."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    db.create_database(pg_server_url, name, template=template_db)
+    db.create_database(pg_server_url, name, template=template_db, owner=unprivileged_role)
     url = db.with_database(pg_server_url, name)
+    if unprivileged_role:
+        url = db.with_role(url, unprivileged_role)
     yield url
     db.close_pool(url)
     db.drop_database(pg_server_url, name)

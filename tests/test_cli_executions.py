@@ -63,7 +63,8 @@ def test_run_with_a_user_message_and_params(cli, pool, greet, backend):
     (["executions", "show", "987654"], "promptdev: no execution with id 987654"),
     (["executions", "list", "--status", "great"], "promptdev: unknown status 'great'"),
     (["executions", "list", "--since", "last tuesday"], "promptdev: not a time: 'last tuesday'"),
-    (["models", "add", "m", "--path", "/nowhere.gguf"], "promptdev: model file not found: /nowhere.gguf"),
+    (["models", "add", "m", "--path", "/nowhere.gguf"], "promptdev: the GGUF file must be inside the models "),
+    (["models", "add", "m", "--path", "nowhere.gguf"], "promptdev: model file not found: "),
     (["models", "remove", "ghost"], "promptdev: no model named 'ghost' is registered"),
 ])
 def test_errors_are_one_line_and_record_nothing(cli, pool, greet, argv, message):
@@ -148,11 +149,12 @@ def test_models_list_add_remove(cli, pool, default_model_path):
     code, out, _ = cli("models", "list")
     assert code == 0 and default_model_path.stem in out and "*" in out
     code, out, _ = cli("models", "add", "remote", "--base-url", "http://127.0.0.1:9/v1", "--remote-model", "m",
-                       "--api-key-env", "REMOTE_KEY")
+                       "--api-key-env", "PROMPTDEV_KEY_REMOTE")
     assert code == 0 and "registered remote: openai" in out
     code, out, _ = cli("models", "list", "--json")
     listed = {m["name"]: m for m in json.loads(out)}
-    assert listed["remote"]["api_key_env"] == "REMOTE_KEY" and listed[default_model_path.stem]["is_default"]
+    assert listed["remote"]["api_key_env"] == "PROMPTDEV_KEY_REMOTE"
+    assert listed[default_model_path.stem]["is_default"]
     assert cli("models", "remove", "remote")[0] == 0
     assert [m.name for m in models.list_models(pool)] == [default_model_path.stem]
 

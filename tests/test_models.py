@@ -29,21 +29,26 @@ def test_register_gguf_and_openai_models(pool, settings, default_model_path):
     local = models.register_model(pool, "gemma-small-ctx", path=default_model_path, n_ctx=1024, chat_format="gemma")
     assert local.sha256 == default.sha256 and local.n_ctx == 1024 and not local.is_default
     remote = models.register_model(pool, "remote-gemma", backend="openai", base_url="http://127.0.0.1:9/v1/",
-                                   remote_model="gemma-3-270m", api_key_env="MY_KEY")
-    assert remote.base_url == "http://127.0.0.1:9/v1" and remote.api_key_env == "MY_KEY" and remote.sha256 is None
+                                   remote_model="gemma-3-270m", api_key_env="PROMPTDEV_KEY_MINE")
+    assert remote.base_url == "http://127.0.0.1:9/v1" and remote.api_key_env == "PROMPTDEV_KEY_MINE"
+    assert remote.sha256 is None
     assert [m.name for m in models.list_models(pool)] == [default.name, "gemma-small-ctx", "remote-gemma"]
     assert models.get_model(pool, "remote-gemma") == remote
     assert models.get_model_by_id(pool, local.id) == local
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"name": "x", "path": "/nowhere/model.gguf"}, "model file not found"),
+    ({"name": "x", "path": "/nowhere/model.gguf"}, "must be inside the models directory"),
+    ({"name": "x", "path": "nowhere.gguf"}, "model file not found"),
     ({"name": "bad name!", "path": "/x.gguf"}, "model name"),
     ({"name": "x", "backend": "torch", "path": "/x.gguf"}, "backend must be one of"),
     ({"name": "x", "backend": "openai", "base_url": "ftp://h", "remote_model": "m"}, "http:// or https://"),
     ({"name": "x", "backend": "openai", "base_url": "http://h/v1"}, "remote model"),
     ({"name": "x", "backend": "openai", "base_url": "http://h/v1", "remote_model": "m", "api_key_env": "sk-123abc!"},
      "never give the key"),
+    ({"name": "x", "backend": "openai", "base_url": "http://127.0.0.1:9/v1", "remote_model": "m",
+      "api_key_env": "PROMPTDEV_DATABASE_URL"}, "PROMPTDEV_MODEL_KEY_ENV_ALLOW"),
+    ({"name": "x", "backend": "openai", "base_url": "http://h.invalid/v1", "remote_model": "m"}, "does not resolve"),
     ({"name": "x", "path": "/x.gguf", "chat_format": "llama9"}, "unknown chat format"),
     ({"name": "x", "path": "/x.gguf", "n_ctx": 10}, "context size"),
     ({"name": "x"}, "needs the path"),
@@ -64,7 +69,8 @@ def test_duplicate_names_and_removal_rules(pool, settings, default_model_path):
         models.delete_model(pool, default.name)
     used = models.register_model(pool, "used", backend="openai", base_url="http://127.0.0.1:9/v1", remote_model="m")
     executions.record(pool, origin=Origin("api", model_id=used.id), status="error", error="x",
-                      model={"model_name": "used", "backend": "openai", "model_sha256": None, "base_url": used.base_url})
+                      model={"model_name": "used", "backend": "openai", "model_sha256": None,
+                             "base_url": used.base_url})
     with pytest.raises(ValueError, match="1 recorded execution"):
         models.delete_model(pool, "used")
     models.delete_model(pool, "spare")
@@ -102,11 +108,11 @@ def test_a_registered_model_gets_its_own_cached_backend(pool, settings, default_
 
 def test_openai_model_key_comes_from_the_named_variable(pool, settings, monkeypatch):
     models.register_model(pool, "keyed", backend="openai", base_url="http://127.0.0.1:9/v1", remote_model="m",
-                          api_key_env="PROMPTDEV_TEST_KEY_X")
-    monkeypatch.delenv("PROMPTDEV_TEST_KEY_X", raising=False)
-    with pytest.raises(ValueError, match=r"\$PROMPTDEV_TEST_KEY_X, which is not set"):
+                          api_key_env="PROMPTDEV_KEY_TEST_X")
+    monkeypatch.delenv("PROMPTDEV_KEY_TEST_X", raising=False)
+    with pytest.raises(ValueError, match=r"\$PROMPTDEV_KEY_TEST_X, which is not set"):
         models.backend_for(pool, settings, "keyed")
-    monkeypatch.setenv("PROMPTDEV_TEST_KEY_X", "secret")
+    monkeypatch.setenv("PROMPTDEV_KEY_TEST_X", "secret")
     remote = models.backend_for(pool, settings, "keyed")
     assert isinstance(remote, llm.OpenAIBackend) and remote.model == "m" and "secret" not in str(remote.describe())
 

@@ -287,7 +287,7 @@ def _models_add(args: argparse.Namespace, settings: Settings) -> int:
     backend = "openai" if args.base_url else "llama_cpp"
     m = models.register_model(db.get_pool(settings), args.name, backend=backend, path=args.path,
                               base_url=args.base_url, remote_model=args.remote_model, api_key_env=args.api_key_env,
-                              chat_format=args.chat_format, n_ctx=args.n_ctx)
+                              chat_format=args.chat_format, n_ctx=args.n_ctx, settings=settings)
     print(f"registered {m.name}: {m.backend} {m.location}" + (f" sha256 {m.sha256}" if m.sha256 else ""))
     return 0
 
@@ -374,10 +374,15 @@ def register(subparsers: Any) -> None:
     p = mos.add_parser("add", help="register a GGUF file or a model on an OpenAI-compatible server")
     p.add_argument("name")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--path", help="GGUF file run in-process by llama.cpp")
-    where.add_argument("--base-url", dest="base_url", help="OpenAI-compatible server, e.g. http://host:8000/v1")
+    where.add_argument("--path", help="GGUF file run in-process by llama.cpp: its name in the models directory "
+                                      "(data/models), or a path inside it")
+    where.add_argument("--base-url", dest="base_url", help="OpenAI-compatible server, e.g. http://host:8000/v1 (no "
+                                                           "user:password; link-local and cloud metadata addresses "
+                                                           "are refused)")
     p.add_argument("--remote-model", dest="remote_model", help="model name on the server")
-    p.add_argument("--api-key-env", dest="api_key_env", help="NAME of the environment variable holding the key")
+    p.add_argument("--api-key-env", dest="api_key_env", help="NAME of the environment variable holding the key; one "
+                                                             "PROMPTDEV_MODEL_KEY_ENV_ALLOW allows (default: "
+                                                             "PROMPTDEV_KEY_*, OPENAI_API_KEY)")
     p.add_argument("--chat-format", dest="chat_format", default="auto", choices=CHAT_FORMATS)
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4096)
     p.set_defaults(func=_models_add)
