@@ -219,7 +219,7 @@ def main() -> None:
     print(f"Parquet compression: {args.compression}, page checksums: {exports.PAGE_CHECKSUMS}")
     settings = load_settings()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other work slows every figure)")
-    server = db.database_url(settings)
+    server = db.admin_url(settings)
     db.drop_database(server, BENCH_DB)
     db.create_database(server, BENCH_DB)
     url = db.with_database(server, BENCH_DB)

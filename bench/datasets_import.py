@@ -35,7 +35,7 @@ def make_csv(n: int) -> bytes:
 
 
 def main() -> None:
-    server = db.database_url(load_settings())   # a throwaway database on the configured server
+    server = db.admin_url(load_settings())   # a throwaway database on the configured server
     name = f"bench_import_{uuid.uuid4().hex[:10]}"
     db.create_database(server, name)
     url = db.with_database(server, name)

@@ -72,7 +72,7 @@ QUESTIONS = [
 def main() -> None:
     settings = load_settings()
     model_path = settings.model_path or ensure_default_model(settings.models_dir)
-    server_url = db.database_url(settings)
+    server_url = db.admin_url(settings)
     name = f"bench_eval_{uuid.uuid4().hex[:10]}"
     db.create_database(server_url, name)
     url = db.with_database(server_url, name)

@@ -106,6 +106,12 @@ _app_urls_lock = threading.Lock()
 def database_url(settings: Settings) -> str:
     """The URL the app connects with: PROMPTDEV_DATABASE_URL, or the embedded server (started when needed) as the
     unprivileged APP_ROLE on APP_DATABASE (`embedded_app_url`)."""
+def admin_url(settings: Settings) -> str:
+    """A URL that may create scratch databases (benchmarks, tests): PROMPTDEV_DATABASE_URL as given, else the
+    embedded server's superuser."""
+    return settings.database_url or embedded_url(settings.postgres_dir)
+
+
     if settings.database_url:
         return settings.database_url
     return embedded_app_url(settings.postgres_dir)
