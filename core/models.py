@@ -35,7 +35,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from core import llm, outbound
+from core import db, llm, outbound
 from core.config import CHAT_FORMATS, Settings, default_model_path, key_env_patterns, load_settings
 from core.errors import Conflict, InvalidInput, NotFound
 from core.model_files import ModelFileError, check_gguf, file_sha256, is_inside
@@ -44,7 +44,6 @@ IN_PROCESS, SERVER = llm.IN_PROCESS, llm.SERVER  # a GGUF loaded in this process
 MODEL_BACKENDS = (IN_PROCESS, SERVER)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,99}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_REGISTRY_LOCK_KEY = 7_346_221_010  # pg_advisory_xact_lock key: one registrar of the default model at a time
 
 
 class ModelNotFound(NotFound):
@@ -321,7 +320,7 @@ def ensure_default_model_registered(pool: ConnectionPool, settings: Settings) ->
         if found is not None:
             return found
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_REGISTRY_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (int(db.LockKey.MODEL_REGISTRY),))
             with conn.cursor(row_factory=class_row(Model)) as cur:
                 found = cur.execute(_SELECT + f" WHERE {match} ORDER BY (name = %s) DESC, id LIMIT 1",
                                     (*args, entry["name"])).fetchone()
