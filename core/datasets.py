@@ -25,7 +25,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from core import evaluators, executions
+from core import evaluators, executions, untrusted
 from core.db import jsonb
 from core.errors import Conflict, InvalidInput, NotFound
 
@@ -33,6 +33,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 FORMATS = ("csv", "jsonl")
 ROLES = ("var", "json", "expected", "tags", "metadata", "meta", "assert", "ignore")
 MAX_TAG_LEN = 100
+MAX_IMPORT_BYTES = 64 * 1024 * 1024   # a CSV or JSONL file to import (README "Limits"); TooLarge beyond
 _UNSET: Any = object()
 Progress = Callable[[float, str], None]
 
@@ -899,6 +900,7 @@ def _read(data: bytes | str, fmt: str, mapping: Mapping[str, str] | None, encodi
     """(columns, effective mapping, rows as (line, item or the reason it is rejected)), read lazily for CSV."""
     if fmt not in FORMATS:
         raise DatasetError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    untrusted.check_text(data, MAX_IMPORT_BYTES, "the file")
     text = decode(data, encoding)
     if fmt == "csv":
         columns, records = _csv_rows(text, delimiter)
@@ -980,7 +982,8 @@ def import_file(pool: ConnectionPool, dataset_name: str, data: bytes | str, *, f
                 create: bool = True, strict: bool = False, created_by: str = "", description: str = "",
                 progress: Progress | None = None) -> ImportReport:
     """Import a file's valid rows (COPY, one transaction) and report the rejected ones; with strict, any rejected
-    row imports nothing. An unreadable file raises DatasetError and imports nothing.
+    row imports nothing. An unreadable file raises DatasetError and imports nothing; a file over MAX_IMPORT_BYTES
+    raises TooLarge before it is read.
 
     Rows are parsed and streamed into COPY chunk by chunk, so the database inserts while the file is still being
     read; the revisions' foreign key to their items is checked at commit.
@@ -1044,9 +1047,10 @@ def import_path(pool: ConnectionPool, dataset_name: str, path: str | Path, *, fm
     """Import a file from disk (format from its suffix unless given)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    data = untrusted.read_file(real, MAX_IMPORT_BYTES, str(path), error=DatasetError)   # size checked first
     fmt = fmt or format_for(path.name)
     if path.suffix.lower() == ".tsv" and "delimiter" not in kwargs:
         kwargs["delimiter"] = "\t"

@@ -7,26 +7,36 @@ with list values (expanded into one test per combination, as promptfoo does), `a
 `threshold`, `weight`, `metric`), a test's `threshold` (it passes when its weighted score reaches it, as in promptfoo;
 stored as the item's `threshold` metadata). Providers are mapped to the configured model and reported. Assertion
 types PromptDev does not run are named in the report and count as failed checks — never dropped.
+
+A config is hostile input. `load_config(text, files)` reads one uploaded together with the files it refers to, and
+its `file://` references resolve among those files only; `load_config_path(path)` (the command line) resolves them
+inside the config's own folder only, on real paths (a symbolic link is followed, then must still lie inside).
+Absolute paths, `..` and links or globs leading elsewhere are refused, naming the reference. YAML anchors and
+aliases are refused (core.untrusted). What list-valued vars expand into is counted before anything is expanded.
+Caps (README "Limits"): MAX_CONFIG_BYTES for the config, MAX_FILE_BYTES for each file it refers to,
+MAX_TOTAL_BYTES for everything read (a file named twice counts twice), MAX_FILES, MAX_PROMPTS, MAX_TESTS after
+expansion, MAX_EVALUATIONS (tests × prompts) and MAX_EXPANDED_BYTES for the variables and assertions the expanded
+tests store. Nothing is written before the whole config has been read and checked.
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import itertools
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
-import yaml
 from psycopg_pool import ConnectionPool
 
-from core import datasets, evaluations, evaluators, models, templates
+from core import datasets, evaluations, evaluators, models, templates, untrusted
 from core.config import Settings
-from core.errors import InvalidInput
+from core.errors import InvalidInput, TooLarge
 from core.llm import GenerationParams
 
 TEXT_SUFFIXES = {".txt", ".md", ".j2", ".jinja", ".jinja2", ".prompt", ""}
@@ -34,9 +44,23 @@ IGNORED_KEYS = {"outputPath", "sharing", "env", "evaluateOptions", "commandLineO
                 "writeLatestResults", "tags", "redteam", "extensions", "metadata", "derivedMetrics", "tracing"}
 KNOWN_KEYS = {"description", "prompts", "providers", "tests", "defaultTest", "scenarios"} | IGNORED_KEYS
 
+MIB = 1024 * 1024
+MAX_CONFIG_BYTES = 1 * MIB       # the promptfooconfig.yaml itself
+MAX_FILE_BYTES = 16 * MIB        # each file it refers to (prompts, tests, vars)
+MAX_TOTAL_BYTES = 32 * MIB       # everything read for one import, each reference counted
+MAX_FILES = 200                  # files uploaded together, or matched by one glob
+MAX_PROMPTS = 100                # prompts (each becomes a template)
+MAX_TESTS = 10_000               # tests after list-valued vars are expanded (each becomes a dataset item)
+MAX_EVALUATIONS = 50_000         # tests × prompts: the generations one run makes
+MAX_EXPANDED_BYTES = 32 * MIB    # the variables and assertions the expanded tests store
+
 
 class PromptfooError(InvalidInput):
     """The config cannot be imported; the message names the file and the problem."""
+
+
+class PromptfooTooLarge(TooLarge):
+    """The config, its files or what it expands into exceed a cap; the message names the cap."""
 
 
 @dataclass(frozen=True)
@@ -108,34 +132,186 @@ def _slug(text: str, fallback: str = "suite") -> str:
     return (slug or fallback)[:60].strip("-._") or fallback
 
 
-def _resolve(base: Path, ref: str) -> list[Path]:
-    """Files a `file://` reference names (relative to the config; globs allowed; a bare file name is also looked
-    up beside the config, for uploads that lose their folders)."""
+def _show(ref: Any) -> str:
+    """A reference as it may appear in a one-line message: quoted, escaped, shortened."""
+    text = repr(str(ref))
+    return text if len(text) <= 120 else text[:117] + "…'"
+
+
+def _refused(ref: str, why: str) -> PromptfooError:
+    return PromptfooError(f"file reference {_show(ref)} is refused: {why}")
+
+
+def _ref_path(ref: str) -> str:
+    """The relative path a `file://` reference names, checked: never absolute, never `..`, never NUL. Folders are
+    separated by `/` (a `\\` counts as one too)."""
     raw = ref[len("file://"):] if ref.startswith("file://") else ref
     raw = raw.split(":", 1)[0] if re.search(r"\.(py|js|ts|mjs|cjs):", raw) else raw
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = base / path
-    if any(ch in raw for ch in "*?["):
-        found = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+    if "\x00" in raw:
+        raise _refused(ref, "it contains a NUL character")
+    path = raw.replace("\\", "/")
+    if path.startswith(("/", "~")) or re.match(r"[A-Za-z]:", path):
+        raise _refused(ref, "absolute paths are not allowed; name files relative to the config's folder")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _refused(ref, "'..' would leave the config's folder; only files inside it can be used")
+    if not parts:
+        raise _refused(ref, "it names no file")
+    return "/".join(parts)
+
+
+def _is_glob(rel: str) -> bool:
+    return any(ch in rel for ch in "*?[")
+
+
+class _Sources:
+    """Where the config's `file://` references may lead, and what reading them has cost so far. Subclasses: the
+    files uploaded together (`_Uploaded`) or the config's own folder on this machine (`_Folder`)."""
+
+    def __init__(self, config_name: str, folder: str = ""):
+        self.config_name = config_name
+        self.folder = folder   # the config's folder name, if it has one
+        self.loaded = 0        # bytes handed out, every reference counted (a file named twice counts twice)
+        self.tests_read = 0    # tests read so far, before expansion
+
+    def resolve(self, ref: str) -> list[str]:
+        """The files (keys) a reference names; globs allowed. A path that does not exist is also looked up by its
+        bare file name, for uploads that lose their folders."""
+        rel = _ref_path(ref)
+        if _is_glob(rel):
+            found = self._glob(ref, rel)
+            if not found:
+                raise PromptfooError(f"{_show(ref)}: no file matches")
+            if len(found) > MAX_FILES:
+                raise PromptfooTooLarge(f"{_show(ref)} matches more than {MAX_FILES} files")
+            return found
+        return [self._find(ref, rel)]
+
+    def read(self, ref: str, key: str) -> bytes:
+        data = self._read(ref, key)
+        self.loaded += len(data)
+        if self.loaded > MAX_TOTAL_BYTES:
+            raise PromptfooTooLarge(f"the files the config refers to add up to more than "
+                                    f"{untrusted.human(MAX_TOTAL_BYTES)} (each reference counted; at {_show(ref)})")
+        return data
+
+    def text(self, ref: str, key: str) -> str:
+        try:
+            return self.read(ref, key).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise PromptfooError(f"{key}: not UTF-8 text") from None
+
+    def count_tests(self, n: int, where: str) -> None:
+        self.tests_read += n
+        if self.tests_read > MAX_TESTS:
+            raise PromptfooTooLarge(f"{where}: more than {MAX_TESTS:,} tests; split the suite")
+
+    def _find(self, ref: str, rel: str) -> str:
+        raise NotImplementedError
+
+    def _glob(self, ref: str, rel: str) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self, ref: str, key: str) -> bytes:
+        raise NotImplementedError
+
+
+class _Uploaded(_Sources):
+    """Files uploaded together with the config: references resolve among them and nowhere else."""
+
+    def __init__(self, config_name: str, files: Mapping[str, bytes]):
+        super().__init__(config_name)
+        if len(files) > MAX_FILES:
+            raise PromptfooTooLarge(f"{len(files)} files uploaded; at most {MAX_FILES}")
+        total = 0
+        self.files: dict[str, bytes] = {}
+        for name, data in files.items():
+            if not isinstance(data, (bytes, bytearray)):
+                raise PromptfooError(f"{_show(name)}: the content of an uploaded file must be bytes")
+            untrusted.check_size(len(data), MAX_FILE_BYTES, _show(name))
+            total += len(data)
+            untrusted.check_size(total, MAX_TOTAL_BYTES, "the uploaded files together")
+            if not str(name).isprintable():
+                raise PromptfooError(f"{_show(name)}: a file name may not hold control characters")
+            key = "/".join(p for p in str(name).replace("\\", "/").split("/") if p not in ("", ".", ".."))
+            if key:
+                self.files[key] = bytes(data)
+
+    def _find(self, ref: str, rel: str) -> str:
+        if rel in self.files:
+            return rel
+        name = rel.rsplit("/", 1)[-1]
+        same = [k for k in self.files if k.rsplit("/", 1)[-1] == name]
+        if len(same) == 1:
+            return same[0]
+        raise PromptfooError(f"{_show(ref)}: no such file among the uploaded files" if not same else
+                             f"{_show(ref)}: several uploaded files are named {name!r}")
+
+    def _glob(self, ref: str, rel: str) -> list[str]:
+        found = [k for k in sorted(self.files) if fnmatch.fnmatchcase(k, rel)]
         if not found:
-            raise PromptfooError(f"{ref}: no file matches")
+            name = rel.rsplit("/", 1)[-1]
+            found = [k for k in sorted(self.files) if fnmatch.fnmatchcase(k.rsplit("/", 1)[-1], name)]
         return found
-    if not path.is_file():
-        beside = base / Path(raw).name
-        if beside.is_file():
-            return [beside]
-        raise PromptfooError(f"{ref}: no such file")
-    return [path]
+
+    def _read(self, ref: str, key: str) -> bytes:
+        return self.files[key]
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise PromptfooError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise PromptfooError(f"{path}: {exc.strerror or exc}") from None
+class _Folder(_Sources):
+    """The config's folder on this machine: references resolve inside it (symbolic links included: where a link
+    leads is checked, not its name), to regular files only."""
+
+    def __init__(self, config_name: str, root: Path):
+        super().__init__(config_name, root.name)
+        self.root = root
+
+    def _inside(self, ref: str, path: Path) -> Path:
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError) as exc:   # a symbolic link loop
+            raise _refused(ref, f"it cannot be resolved ({exc})") from None
+        if not real.is_relative_to(self.root):
+            raise _refused(ref, "it leads outside the config's folder (through a symbolic link)")
+        return real
+
+    def _key(self, ref: str, real: Path) -> str:
+        if not real.is_file():
+            raise PromptfooError(f"{_show(ref)}: not a regular file")
+        key = real.relative_to(self.root).as_posix()
+        if not key.isprintable():
+            raise PromptfooError(f"{_show(ref)}: the file name {key!r} holds control characters")
+        return key
+
+    def _find(self, ref: str, rel: str) -> str:
+        real = self._inside(ref, self.root / rel)
+        if not real.exists():
+            beside = self._inside(ref, self.root / rel.rsplit("/", 1)[-1])
+            if not beside.exists():
+                raise PromptfooError(f"{_show(ref)}: no such file")
+            real = beside
+        return self._key(ref, real)
+
+    def _glob(self, ref: str, rel: str) -> list[str]:
+        found = []
+        try:
+            for path in itertools.islice(self.root.glob(rel), MAX_FILES + 1):
+                real = self._inside(ref, path)
+                if real.is_file():
+                    found.append(self._key(ref, real))
+        except (ValueError, NotImplementedError) as exc:   # e.g. `a**b`
+            raise PromptfooError(f"{_show(ref)}: not a valid glob ({exc})") from None
+        return sorted(set(found))
+
+    def _read(self, ref: str, key: str) -> bytes:
+        real = self._inside(ref, self.root / key)
+        return untrusted.read_file(real, MAX_FILE_BYTES, key, error=PromptfooError)
+
+
+def _structured(text: str, key: str, suffix: str) -> Any:
+    if suffix == ".json":
+        return untrusted.load_json(text, key, error=PromptfooError)
+    return untrusted.load_yaml(text, key, error=PromptfooError)
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -156,41 +332,47 @@ def _inline_prompt(text: str, label: str, source: str) -> Prompt:
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
             parsed = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             parsed = None
         if isinstance(parsed, list):
             return Prompt(label, _messages(parsed, source), source)
     return Prompt(label, text, source)
 
 
-def _file_prompts(base: Path, ref: str, label: str | None) -> list[Prompt]:
+SEPARATOR = re.compile(r"(?m)^---[ \t]*$")
+
+
+def _file_prompts(files: _Sources, ref: str, label: str | None) -> list[Prompt]:
     prompts = []
-    for path in _resolve(base, ref):
-        suffix = path.suffix.lower()
-        name = label or path.stem
+    for key in files.resolve(ref):
+        suffix = PurePosixPath(key).suffix.lower()
+        name = label or PurePosixPath(key).stem
         if suffix in (".py", ".js", ".ts", ".mjs", ".cjs"):
-            raise PromptfooError(f"{ref}: prompt functions ({suffix}) are not supported; use a text or JSON prompt")
-        text = _read_text(path)
-        if suffix == ".json" or suffix in (".yaml", ".yml"):
-            try:
-                data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-            except (json.JSONDecodeError, yaml.YAMLError) as exc:
-                raise PromptfooError(f"{path}: not valid {suffix[1:].upper()}: {str(exc).splitlines()[0]}") from None
+            raise PromptfooError(f"{_show(ref)}: prompt functions ({suffix}) are not supported; use a text or JSON "
+                                 f"prompt")
+        if suffix not in TEXT_SUFFIXES and suffix not in (".json", ".yaml", ".yml", ".jsonl"):
+            raise PromptfooError(f"{_show(ref)}: unsupported prompt file type {suffix!r}")
+        text = files.text(ref, key)
+        if suffix in (".json", ".yaml", ".yml"):
+            data = _structured(text, key, suffix)
             if isinstance(data, str):
-                prompts.append(_inline_prompt(data, name, str(path)))
+                prompts.append(_inline_prompt(data, name, key))
             else:
-                prompts.append(Prompt(name, _messages(data, str(path)), str(path)))
+                prompts.append(Prompt(name, _messages(data, key), key))
             continue
-        if suffix not in TEXT_SUFFIXES and suffix not in (".jsonl",):
-            raise PromptfooError(f"{ref}: unsupported prompt file type {suffix!r}")
-        parts = [p.strip("\n") for p in re.split(r"(?m)^---[ \t]*$", text)]
+        # count the separators before splitting: a file of nothing but `---` lines is not a million prompts
+        if sum(1 for _ in itertools.islice(SEPARATOR.finditer(text), MAX_PROMPTS + 1)) > MAX_PROMPTS:
+            raise PromptfooTooLarge(f"{key}: more than {MAX_PROMPTS} prompts")
+        parts = [p.strip("\n") for p in SEPARATOR.split(text)]
         parts = [p for p in parts if p.strip()]
+        if len(prompts) + len(parts) > MAX_PROMPTS:
+            raise PromptfooTooLarge(f"{key}: more than {MAX_PROMPTS} prompts")
         for k, part in enumerate(parts, start=1):
-            prompts.append(_inline_prompt(part, name if len(parts) == 1 else f"{name}-{k}", f"{path}#{k}"))
+            prompts.append(_inline_prompt(part, name if len(parts) == 1 else f"{name}-{k}", f"{key}#{k}"))
     return prompts
 
 
-def _read_prompts(base: Path, raw: Any) -> list[Prompt]:
+def _read_prompts(files: _Sources, raw: Any) -> list[Prompt]:
     if raw is None:
         raise PromptfooError("the config has no prompts")
     if isinstance(raw, str):
@@ -204,7 +386,7 @@ def _read_prompts(base: Path, raw: Any) -> list[Prompt]:
     for i, entry in enumerate(raw, start=1):
         if isinstance(entry, str):
             if entry.startswith("file://"):
-                prompts.extend(_file_prompts(base, entry, None))
+                prompts.extend(_file_prompts(files, entry, None))
             else:
                 prompts.append(_inline_prompt(entry, f"prompt-{i}", f"prompts[{i}]"))
         elif isinstance(entry, Mapping):
@@ -216,11 +398,13 @@ def _read_prompts(base: Path, raw: Any) -> list[Prompt]:
                 else:
                     prompts.append(_inline_prompt(str(raw_value), label, f"prompts[{i}]"))
             elif str(entry.get("id", "")).startswith("file://"):
-                prompts.extend(_file_prompts(base, entry["id"], entry.get("label")))
+                prompts.extend(_file_prompts(files, entry["id"], entry.get("label")))
             else:
                 raise PromptfooError(f"prompts[{i}]: needs raw text or a file:// id")
         else:
             raise PromptfooError(f"prompts[{i}]: not a prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise PromptfooTooLarge(f"more than {MAX_PROMPTS} prompts; each becomes a template")
     if not prompts:
         raise PromptfooError("the config has no prompts")
     labels = Counter(p.label for p in prompts)
@@ -240,6 +424,8 @@ def _providers(raw: Any, notes: list[str]) -> tuple[list[str], dict[str, Any]]:
         return [], {}
     if isinstance(raw, (str, Mapping)):
         raw = [raw]
+    if not isinstance(raw, list):
+        raise PromptfooError("providers must be a list")
     out: list[str] = []
     configs: list[dict[str, Any]] = []
     for p in raw:
@@ -260,30 +446,72 @@ def _providers(raw: Any, notes: list[str]) -> tuple[list[str], dict[str, Any]]:
         else:
             out.append(str(p))
     params = configs[0] if configs else {}
-    if len({json.dumps(c, sort_keys=True) for c in configs}) > 1:
+    if len({json.dumps(c, sort_keys=True, default=str) for c in configs}) > 1:
         notes.append("providers set different parameters: the first provider's are used")
     return out, params
 
 
-def _load_var(base: Path, value: Any) -> Any:
+def _load_var(files: _Sources, value: Any) -> Any:
     if isinstance(value, str) and value.startswith("file://"):
-        (path,) = _resolve(base, value)[:1]
-        if path.suffix.lower() in (".py", ".js", ".ts"):
-            raise PromptfooError(f"{value}: variables computed by scripts are not supported")
-        text = _read_text(path)
-        if path.suffix.lower() == ".json":
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PromptfooError(f"{path}: not valid JSON: {exc.msg}") from None
-        if path.suffix.lower() in (".yaml", ".yml"):
-            return yaml.safe_load(text)
+        key = files.resolve(value)[0]
+        suffix = PurePosixPath(key).suffix.lower()
+        if suffix in (".py", ".js", ".ts", ".mjs", ".cjs"):
+            raise PromptfooError(f"{_show(value)}: variables computed by scripts are not supported")
+        text = files.text(value, key)
+        if suffix in (".json", ".yaml", ".yml"):
+            return _structured(text, key, suffix)
         return text
     return value
 
 
+def _combinations(vars_: Mapping[str, Any]) -> int:
+    """How many tests list-valued vars expand into (stops counting past MAX_TESTS)."""
+    lists = [v for v in vars_.values() if isinstance(v, list)]
+    if any(not v for v in lists):
+        return 0
+    n = 1
+    for v in lists:
+        n *= len(v)
+        if n > MAX_TESTS:
+            break
+    return n
+
+
+class _Sizes:
+    """Approximate stored size of values (JSON text), each container measured once however often it is used."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, int] = {}
+        self.keep: list[Any] = []   # ids stay valid while measured values are alive
+
+    def of(self, value: Any) -> int:
+        if isinstance(value, str):
+            return len(value) + 2
+        if value is None or isinstance(value, (bool, int, float)):
+            return 8
+        size = self.known.get(id(value))
+        if size is None:
+            size = len(json.dumps(value, ensure_ascii=False, default=str))
+            self.known[id(value)] = size
+            self.keep.append(value)
+        return size
+
+
+def _expanded_size(sizes: _Sizes, vars_: Mapping[str, Any], test: Test, n: int) -> int:
+    """Bytes n expanded tests store: each list value stored in n / len(list) of them, the rest in all n."""
+    if n == 0:
+        return 0
+    total = n * (sizes.of(test.asserts) + len(test.description) + 16)
+    for key, value in vars_.items():
+        if isinstance(value, list):
+            total += (n // len(value)) * sum(sizes.of(x) + len(key) for x in value)
+        else:
+            total += n * (sizes.of(value) + len(key))
+    return total
+
+
 def _expand(vars_: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """promptfoo expands list-valued vars into one test per combination."""
+    """promptfoo expands list-valued vars into one test per combination (counted and capped before: see load)."""
     keys = [k for k, v in vars_.items() if isinstance(v, list)]
     if not keys:
         return [dict(vars_)]
@@ -291,89 +519,101 @@ def _expand(vars_: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{**vars_, **dict(zip(keys, combo))} for combo in combos]
 
 
-def _csv_tests(path: Path, notes: list[str]) -> list[Test]:
-    text = _read_text(path)
+def _csv_tests(files: _Sources, ref: str, key: str, notes: list[str]) -> list[Test]:
+    text = files.text(ref, key)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     tests = []
     ignored: set[str] = set()
-    for row in reader:
-        if None in row:
-            raise PromptfooError(f"{path} line {reader.line_num}: more fields than the header has")
-        vars_, asserts, description, threshold = {}, [], "", None
-        for col, cell in row.items():
-            col = (col or "").strip()
-            if cell is None:
-                raise PromptfooError(f"{path} line {reader.line_num}: fewer fields than the header has")
-            if re.fullmatch(r"__expected\d*", col):
-                if cell.strip():
-                    asserts.append(cell)
-            elif col == "__description":
-                description = cell
-            elif col == "__threshold":
-                threshold = _threshold(cell, f"{path} line {reader.line_num}") if cell.strip() else None
-            elif col.startswith("__"):
-                ignored.add(col)
-            else:
-                vars_[col] = cell
-        tests.append(Test(vars_, asserts, description, threshold))
+    try:
+        for row in reader:
+            files.count_tests(1, key)
+            if None in row:
+                raise PromptfooError(f"{key} line {reader.line_num}: more fields than the header has")
+            vars_, asserts, description, threshold = {}, [], "", None
+            for col, cell in row.items():
+                col = (col or "").strip()
+                if cell is None:
+                    raise PromptfooError(f"{key} line {reader.line_num}: fewer fields than the header has")
+                if re.fullmatch(r"__expected\d*", col):
+                    if cell.strip():
+                        asserts.append(cell)
+                elif col == "__description":
+                    description = cell
+                elif col == "__threshold":
+                    threshold = _threshold(cell, f"{key} line {reader.line_num}") if cell.strip() else None
+                elif col.startswith("__"):
+                    ignored.add(col)
+                else:
+                    vars_[col] = cell
+            tests.append(Test(vars_, asserts, description, threshold))
+    except csv.Error as exc:
+        raise PromptfooError(f"{key} line {reader.line_num}: not valid CSV: {exc}") from None
     for col in sorted(ignored):
-        notes.append(f"{path.name}: column {col} is not supported and was ignored")
+        notes.append(f"{PurePosixPath(key).name}: column {col[:60]} is not supported and was ignored")
     return tests
 
 
-def _structured_tests(path: Path) -> list[Any]:
-    text = _read_text(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise PromptfooError(f"{path}: not valid {suffix[1:].upper()}: {str(exc).splitlines()[0]}") from None
+def _structured_tests(files: _Sources, ref: str, key: str) -> list[Any]:
+    text = files.text(ref, key)
+    suffix = PurePosixPath(key).suffix.lower()
+    if suffix == ".jsonl":
+        data = []
+        for number, line in enumerate(io.StringIO(text), start=1):
+            if line.strip():
+                files.count_tests(1, key)
+                data.append(untrusted.load_json(line, f"{key} line {number}", error=PromptfooError))
+        return data
+    data = _structured(text, key, suffix)
     if not isinstance(data, list):
-        raise PromptfooError(f"{path}: must hold a list of tests")
+        raise PromptfooError(f"{key}: must hold a list of tests")
+    files.count_tests(len(data), key)
     return data
 
 
-def _read_tests(base: Path, raw: Any, notes: list[str]) -> list[Test]:
+def _read_tests(files: _Sources, raw: Any, notes: list[str]) -> list[Test]:
     if raw is None:
         return [Test({}, [])]
-    entries = [raw] if isinstance(raw, (str, Mapping)) else list(raw)
+    if not isinstance(raw, (str, Mapping, list)):
+        raise PromptfooError("tests must be a list, a test or a file:// reference")
+    entries = [raw] if isinstance(raw, (str, Mapping)) else raw
     tests: list[Test] = []
     for i, entry in enumerate(entries, start=1):
         if isinstance(entry, str):
             if not entry.startswith("file://"):
-                raise PromptfooError(f"tests[{i}]: {entry!r} is neither a test nor a file:// reference")
-            for path in _resolve(base, entry):
-                if path.suffix.lower() == ".csv":
-                    tests.extend(_csv_tests(path, notes))
-                elif path.suffix.lower() in (".yaml", ".yml", ".json", ".jsonl"):
-                    tests.extend(_test_from_mapping(base, t, f"{path.name}[{k}]", notes)
-                                 for k, t in enumerate(_structured_tests(path), start=1))
+                raise PromptfooError(f"tests[{i}]: {_show(entry)} is neither a test nor a file:// reference")
+            for key in files.resolve(entry):
+                suffix = PurePosixPath(key).suffix.lower()
+                if suffix == ".csv":
+                    tests.extend(_csv_tests(files, entry, key, notes))
+                elif suffix in (".yaml", ".yml", ".json", ".jsonl"):
+                    name = PurePosixPath(key).name
+                    tests.extend(_test_from_mapping(files, t, f"{name}[{k}]", notes)
+                                 for k, t in enumerate(_structured_tests(files, entry, key), start=1))
                 else:
-                    raise PromptfooError(f"{entry}: tests must come from a .csv, .yaml, .json or .jsonl file")
+                    raise PromptfooError(f"{_show(entry)}: tests must come from a .csv, .yaml, .json or .jsonl file")
         elif isinstance(entry, Mapping):
-            tests.append(_test_from_mapping(base, entry, f"tests[{i}]", notes))
+            files.count_tests(1, "the config")
+            tests.append(_test_from_mapping(files, entry, f"tests[{i}]", notes))
         else:
             raise PromptfooError(f"tests[{i}]: not a test")
     return tests
 
 
-def _test_from_mapping(base: Path, entry: Any, where: str, notes: list[str]) -> Test:
+def _test_from_mapping(files: _Sources, entry: Any, where: str, notes: list[str]) -> Test:
     if not isinstance(entry, Mapping):
         raise PromptfooError(f"{where}: a test must be a mapping")
     vars_ = entry.get("vars") or {}
     if isinstance(vars_, str) and vars_.startswith("file://"):
-        vars_ = _load_var(base, vars_)
+        vars_ = _load_var(files, vars_)
     if not isinstance(vars_, Mapping):
         raise PromptfooError(f"{where}: vars must be a mapping")
     asserts = entry.get("assert") or []
     if not isinstance(asserts, list):
         raise PromptfooError(f"{where}: assert must be a list")
-    for key in sorted(set(entry) - {"vars", "assert", "description", "metadata", "threshold"}):
-        notes.append(f"{where}: {key!r} is not supported and was ignored")
+    for key in sorted(map(str, set(entry) - {"vars", "assert", "description", "metadata", "threshold"})):
+        notes.append(f"{where}: {key[:60]!r} is not supported and was ignored")
     threshold = None if entry.get("threshold") is None else _threshold(entry["threshold"], where)
-    return Test({k: _load_var(base, v) for k, v in vars_.items()}, list(asserts), str(entry.get("description") or ""),
+    return Test({k: _load_var(files, v) for k, v in vars_.items()}, list(asserts), str(entry.get("description") or ""),
                 threshold)
 
 
@@ -388,57 +628,120 @@ def _threshold(value: Any, where: str) -> float:
     return number
 
 
-def load(path: str | Path) -> Suite:
-    """Read a promptfoo config and the files it refers to; PromptfooError naming the problem."""
+def load_config(text: str | bytes, files: Mapping[str, bytes] | None = None, *,
+                config_name: str = "promptfooconfig.yaml") -> Suite:
+    """Read a promptfoo config uploaded with the files it refers to ({name: content}, names as uploaded, folders
+    optional): its `file://` references resolve among those files and nowhere else. Nothing is written.
+    PromptfooError names the problem (and the reference); PromptfooTooLarge a cap (see the module's caps)."""
+    config_name = PurePosixPath(str(config_name).replace("\\", "/")).name
+    config_name = config_name if config_name and config_name.isprintable() else "promptfooconfig.yaml"
+    if isinstance(text, str):
+        untrusted.check_text(text, MAX_CONFIG_BYTES, config_name)
+    else:
+        untrusted.check_size(len(text), MAX_CONFIG_BYTES, config_name)
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise PromptfooError(f"{config_name}: not UTF-8 text") from None
+    return _load(text, _Uploaded(config_name, files or {}))
+
+
+def load_config_path(path: str | Path) -> Suite:
+    """Read a promptfoo config on this machine (the command line): its `file://` references resolve inside the
+    config's own folder and its subfolders only — absolute paths, `..`, and symbolic links or globs that lead
+    elsewhere are refused, naming the reference. Nothing is written."""
     path = Path(path)
-    text = _read_text(path) if path.is_file() else None
-    if text is None:
-        raise PromptfooError(f"{path}: no such file")
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PromptfooError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        real = path.resolve()
+        root = path.absolute().parent.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise PromptfooError(f"{path}: cannot be resolved ({exc})") from None
+    data = untrusted.read_file(real, MAX_CONFIG_BYTES, str(path), error=PromptfooError)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PromptfooError(f"{path}: not UTF-8 text") from None
+    return _load(text, _Folder(path.name, root))
+
+
+load = load_config_path   # the name earlier callers use
+
+
+def _load(text: str, files: _Sources) -> Suite:
+    with untrusted.no_gc():   # a full collection over the tests read so far would stall every other thread
+        return _read_suite(text, files)
+
+
+def _read_suite(text: str, files: _Sources) -> Suite:
+    name = files.config_name
+    doc = untrusted.load_yaml(text, name, error=PromptfooError)
     if not isinstance(doc, Mapping):
-        raise PromptfooError(f"{path}: a promptfoo config is a YAML mapping with prompts, providers and tests")
-    base = path.parent
+        raise PromptfooError(f"{name}: a promptfoo config is a YAML mapping with prompts, providers and tests")
     notes: list[str] = []
-    for key in sorted(set(doc) - KNOWN_KEYS):
-        notes.append(f"config key {key!r} is not understood and was ignored")
+    for key in sorted(map(str, set(doc) - KNOWN_KEYS)):
+        notes.append(f"config key {key[:60]!r} is not understood and was ignored")
     for key in sorted(set(doc) & IGNORED_KEYS):
         notes.append(f"config key {key!r} does not apply here and was ignored")
     if doc.get("scenarios"):
-        raise PromptfooError(f"{path}: scenarios are not supported")
-    prompts = _read_prompts(base, doc.get("prompts"))
+        raise PromptfooError(f"{name}: scenarios are not supported")
+    prompts = _read_prompts(files, doc.get("prompts"))
     default = doc.get("defaultTest") or {}
     if isinstance(default, str) and default.startswith("file://"):
-        (dpath,) = _resolve(base, default)[:1]
-        default = yaml.safe_load(_read_text(dpath)) or {}
+        key = files.resolve(default)[0]
+        default = _structured(files.text(default, key), key, PurePosixPath(key).suffix.lower()) or {}
     if not isinstance(default, Mapping):
-        raise PromptfooError(f"{path}: defaultTest must be a mapping")
-    default_vars = {k: _load_var(base, v) for k, v in (default.get("vars") or {}).items()}
-    default_asserts = list(default.get("assert") or [])
-    for key in sorted(set(default) - {"vars", "assert", "options", "metadata", "description", "threshold"}):
-        notes.append(f"defaultTest.{key} is not supported and was ignored")
+        raise PromptfooError(f"{name}: defaultTest must be a mapping")
+    default_vars = default.get("vars") or {}
+    if not isinstance(default_vars, Mapping):
+        raise PromptfooError(f"{name}: defaultTest.vars must be a mapping")
+    default_vars = {k: _load_var(files, v) for k, v in default_vars.items()}
+    default_asserts = default.get("assert") or []
+    if not isinstance(default_asserts, list):
+        raise PromptfooError(f"{name}: defaultTest.assert must be a list")
+    for key in sorted(map(str, set(default) - {"vars", "assert", "options", "metadata", "description",
+                                               "threshold"})):
+        notes.append(f"defaultTest.{key[:60]} is not supported and was ignored")
     options = default.get("options") or {}
     if isinstance(options, Mapping) and options.get("provider"):
-        notes.append(f"defaultTest.options.provider {options['provider']!r}: the judge runs on the configured model")
+        notes.append(f"defaultTest.options.provider {_show(options['provider'])}: the judge runs on the configured "
+                     f"model")
     default_threshold = (None if default.get("threshold") is None
                          else _threshold(default["threshold"], "defaultTest"))
-    raw_tests = _read_tests(base, doc.get("tests"), notes)
+    raw_tests = _read_tests(files, doc.get("tests"), notes)
+    # Count what the list-valued vars expand into, and what that stores, before expanding anything.
+    total, stored, sizes = 0, 0, _Sizes()
+    for k, t in enumerate(raw_tests, start=1):
+        vars_ = {**default_vars, **t.vars}
+        n = _combinations(vars_)
+        total += n
+        if total > MAX_TESTS:
+            raise PromptfooTooLarge(f"the tests expand into more than {MAX_TESTS:,} (list-valued vars make one test "
+                                    f"per combination; test {k} alone makes {_at_least(n)}); split the suite")
+        stored += _expanded_size(sizes, vars_, t, n)
+        if stored > MAX_EXPANDED_BYTES:
+            raise PromptfooTooLarge(f"the tests' variables and assertions would take more than "
+                                    f"{untrusted.human(MAX_EXPANDED_BYTES)} once expanded (at test {k})")
+    if total * len(prompts) > MAX_EVALUATIONS:
+        raise PromptfooTooLarge(f"{total:,} tests × {len(prompts)} prompts is more than {MAX_EVALUATIONS:,} "
+                                f"evaluations; split the suite")
     tests = []
     for t in raw_tests:
         threshold = t.threshold if t.threshold is not None else default_threshold
         for vars_ in _expand({**default_vars, **t.vars}):
             tests.append(Test(vars_, t.asserts, t.description, threshold))
     description = str(doc.get("description") or "")
-    name = _slug(description) if description else _slug(path.parent.name if path.stem == "promptfooconfig"
-                                                         else path.stem)
+    stem = PurePosixPath(name).stem
+    suite_name = _slug(description or (files.folder if stem == "promptfooconfig" and files.folder else stem))
     providers, params = _providers(doc.get("providers"), notes)
     try:
         GenerationParams.from_dict(params)
     except ValueError as exc:
-        raise PromptfooError(f"{path}: provider config: {exc}") from None
-    return Suite(path, name, description, prompts, tests, default_asserts, providers, notes, params)
+        raise PromptfooError(f"{name}: provider config: {exc}") from None
+    return Suite(Path(name), suite_name, description, prompts, tests, list(default_asserts), providers, notes, params)
+
+
+def _at_least(n: int) -> str:
+    return f"more than {MAX_TESTS:,}" if n > MAX_TESTS else f"{n:,}"
 
 
 # ------------------------------------------------------------------------------------------------------ importing
@@ -455,7 +758,13 @@ def _map_assert(spec: Any, unsupported: Counter, provider_notes: set[str], regis
 
 def import_suite(pool: ConnectionPool, settings: Settings, suite: Suite, *, created_by: str = "",
                  name: str | None = None) -> Imported:
-    """Create (or update) one template per prompt and a dataset of the tests; return what the run needs."""
+    """Create (or update) one template per prompt and a dataset of the tests; return what the run needs. Every
+    prompt and test is checked before anything is written."""
+    for prompt in suite.prompts:
+        try:
+            templates.extract_variables(prompt.content)
+        except templates.TemplateError as exc:
+            raise PromptfooError(f"prompt {prompt.label[:60]!r} ({prompt.source}): {exc}") from None
     default = models.ensure_default_model_registered(pool, settings)
     registered = {m.name for m in models.list_models(pool)}
     base = _slug(name or suite.name)
@@ -520,10 +829,11 @@ def _sync_dataset(pool: ConnectionPool, name: str, items: Sequence[datasets.Item
         datasets.apply_edits(pool, name, added=added, updated=updated, deleted=deleted, edited_by=created_by)
 
 
-def start(pool: ConnectionPool, settings: Settings, path: str | Path, *, created_by: str = "",
+def start(pool: ConnectionPool, settings: Settings, source: Suite | str | Path, *, created_by: str = "",
           name: str | None = None) -> tuple[Any, Imported]:
-    """Import a promptfoo config and queue its run; (run, import report)."""
-    suite = load(path)
+    """Import a promptfoo config — a Suite read by load_config (uploads), or a path on this machine read by
+    load_config_path — and queue its run; (run, import report)."""
+    suite = source if isinstance(source, Suite) else load_config_path(source)
     imported = import_suite(pool, settings, suite, created_by=created_by, name=name)
     run = evaluations.create_run(pool, settings, dataset=imported.dataset, templates=imported.template_refs,
                                  evaluators=imported.evaluators, params=suite.params,

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core import datasets as ds
 from core import templates as tpl
+from core import untrusted
 from core.errors import EXPECTED_ERRORS
 from pages import glue, widgets
 
@@ -120,7 +121,8 @@ def items_tab(pool, name: str) -> None:
 def import_tab(pool, name: str) -> None:
     """Upload, map columns, preview, import; every rejected row is listed with its line number."""
     upload = st.file_uploader("CSV or JSONL file", type=["csv", "tsv", "jsonl", "ndjson", "json", "txt"],
-                              key="datasets.upload")
+                              key="datasets.upload", max_upload_size=ds.MAX_IMPORT_BYTES // 2**20,
+                              help=f"At most {ds.MAX_IMPORT_BYTES // 2**20} MB.")
     if upload is None:
         st.caption("Columns become input variables unless mapped otherwise: `expected` → expected output, `tags` → "
                    "tags, `metadata` → metadata, promptfoo's `__expected` → the item's own assertions.")
@@ -137,6 +139,11 @@ def import_tab(pool, name: str) -> None:
                             index=2 if upload.name.lower().endswith(".tsv") else 0, disabled=fmt != "csv")
     target = d.text_input("Import into", value=name, key=f"datasets.target.{name}",
                           help="An existing dataset, or a new name to create one")
+    try:
+        untrusted.check_size(upload.size, ds.MAX_IMPORT_BYTES, "the file")   # before reading it
+    except EXPECTED_ERRORS as exc:
+        glue.show_error(exc)
+        return
     data = upload.getvalue()
     sep = "\t" if delimiter == "tab" else delimiter
     try:

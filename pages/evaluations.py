@@ -5,7 +5,6 @@ leaving the page does not stop them. Every action calls core.evaluations / core.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import altair as alt
@@ -15,7 +14,7 @@ import yaml
 
 from core import datasets as ds
 from core import evaluations as ev
-from core import evaluators, promptfoo
+from core import evaluators, promptfoo, untrusted
 from core.errors import InvalidInput
 from pages import glue, widgets
 
@@ -384,30 +383,35 @@ def show_comparison(c: ev.Comparison) -> None:
 # ----------------------------------------------------------------------------------------------------- promptfoo
 
 def promptfoo_view(pool, settings) -> None:
-    """Import a promptfoo config (uploaded with the files it refers to, or a path on this machine) and run it."""
+    """Import a promptfoo config uploaded with the files it refers to, and run it. References resolve among the
+    uploaded files only (never to files on the server)."""
     st.caption("Prompts become templates, tests a dataset, defaultTest assertions the run's evaluators; providers "
-               "are mapped to a model here. Unsupported assertion types are named and count as failed.")
+               "are mapped to a model here. Unsupported assertion types are named and count as failed. Upload the "
+               "config together with every file its `file://` references name.")
     uploads = st.file_uploader("promptfooconfig.yaml and the files it refers to", accept_multiple_files=True,
                                type=["yaml", "yml", "txt", "md", "csv", "json", "jsonl", "j2"],
-                               key="evaluations.promptfoo.files")
-    path = st.text_input("…or the config's path on this machine", key="evaluations.promptfoo.path",
-                         placeholder="/path/to/promptfooconfig.yaml")
+                               key="evaluations.promptfoo.files",
+                               max_upload_size=promptfoo.MAX_FILE_BYTES // promptfoo.MIB,
+                               help=f"At most {promptfoo.MAX_FILES} files, each up to "
+                                    f"{promptfoo.MAX_FILE_BYTES // promptfoo.MIB} MB and "
+                                    f"{promptfoo.MAX_TOTAL_BYTES // promptfoo.MIB} MB together.")
     name = st.text_input("Name for the templates and dataset", key="evaluations.promptfoo.name",
                          placeholder="from the config's description")
-    if st.button("Import and run", key="evaluations.promptfoo.start", type="primary",
-                 disabled=not uploads and not path.strip()):
-        with glue.reported(), tempfile.TemporaryDirectory() as tmp:
-            if uploads:
-                for f in uploads:
-                    (Path(tmp) / Path(f.name).name).write_bytes(f.getvalue())
-                configs = [f.name for f in uploads if f.name.lower().endswith((".yaml", ".yml"))]
-                if not configs:
-                    raise InvalidInput("Upload the promptfoo config (.yaml) with its files")
-                config = next((c for c in configs if Path(c).stem == "promptfooconfig"), configs[0])
-                config_path = Path(tmp) / Path(config).name
-            else:
-                config_path = Path(path.strip()).expanduser()
-            run, imported = promptfoo.start(pool, settings, config_path, created_by=glue.current_user(),
+    if st.button("Import and run", key="evaluations.promptfoo.start", type="primary", disabled=not uploads):
+        with glue.reported():
+            # sizes first, from the upload's metadata: nothing is read when the upload is over a cap
+            if len(uploads) > promptfoo.MAX_FILES:
+                raise promptfoo.PromptfooTooLarge(f"{len(uploads)} files uploaded; at most {promptfoo.MAX_FILES}")
+            for f in uploads:
+                untrusted.check_size(f.size, promptfoo.MAX_FILE_BYTES, repr(f.name))
+            untrusted.check_size(sum(f.size for f in uploads), promptfoo.MAX_TOTAL_BYTES, "the uploaded files together")
+            configs = [f for f in uploads if f.name.lower().endswith((".yaml", ".yml"))]
+            if not configs:
+                raise InvalidInput("Upload the promptfoo config (.yaml) with its files")
+            config = next((f for f in configs if Path(f.name).stem == "promptfooconfig"), configs[0])
+            suite = promptfoo.load_config(config.getvalue(), {f.name: f.getvalue() for f in uploads if f is not config},
+                                          config_name=config.name)
+            run, imported = promptfoo.start(pool, settings, suite, created_by=glue.current_user(),
                                             name=name.strip() or None)
             for line in imported.report_lines():
                 widgets.flash("warning" if line.startswith("unsupported") else "info", line)

@@ -10,9 +10,10 @@ from typing import Any
 
 import streamlit as st
 
-from core import executions
+from core import executions, untrusted
 from core import templates as tpl
 from core.errors import EXPECTED_ERRORS, InvalidInput
+from core.templates import interchange
 from pages import glue, widgets
 
 PAGE_SIZE = 50
@@ -443,11 +444,14 @@ def import_export(pool) -> None:
                 st.download_button(f"Download templates.{prepared[0]}", prepared[1],
                                    file_name=f"templates.{prepared[0]}", key="templates.export.download")
         with b:
-            upload = st.file_uploader("Import a file", type=["yaml", "yml", "json"], key="templates.import.file")
+            cap = interchange.MAX_IMPORT_BYTES
+            upload = st.file_uploader("Import a file", type=["yaml", "yml", "json"], key="templates.import.file",
+                                      max_upload_size=cap // 2**20, help=f"At most {cap // 2**20} MB.")
             if upload is not None and st.button("Import", key="templates.import.run"):
                 with glue.reported():
+                    untrusted.check_size(upload.size, cap, "the import file")   # before reading it
                     fmt = tpl.format_for_path(upload.name)
-                    report = tpl.import_templates(pool, tpl.load_export(upload.getvalue().decode("utf-8"), fmt),
+                    report = tpl.import_templates(pool, tpl.load_export(upload.getvalue(), fmt),
                                                   imported_by=glue.current_user())
                     widgets.flash("success", report.summary())
                     st.rerun()

@@ -4,6 +4,7 @@ compare versions with significance tests, cancel and resume, import a promptfoo 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from streamlit.testing.v1 import AppTest
@@ -45,7 +46,8 @@ def wait_done(pool, run_id, timeout=240):
 
 
 def texts(elements):
-    return " ".join(e.value for e in elements)
+    """The elements' text, Markdown escapes (`\\:`, `\\-`, …) and word joiners (that stop autolinks) removed."""
+    return re.sub(r"\\(.)", r"\1", " ".join(e.value for e in elements)).replace("\u2060", "")
 
 
 def test_start_a_run_follow_it_and_compare(app_env, pool):
@@ -161,3 +163,42 @@ def test_import_a_promptfoo_config(app_env, pool):
     assert "provider openai:gpt-4o-mini →" in texts(at.info)
     assert "unsupported assertion type 'javascript' (1×): counted as not passed" in texts(at.warning)
     assert [v.ref for v in evaluations.get_run(pool, 1).versions] == ["colours-prompts-1@1", "colours-prompts-2@1"]
+
+
+def table_counts(pool) -> dict[str, int]:
+    with pool.connection() as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in sorted(tables)}
+
+
+def test_a_promptfoo_upload_reads_only_the_uploaded_files_and_refuses_bombs(app_env, pool):
+    at = open_page("Import promptfoo")
+    assert not [t for t in at.text_input if t.key == "evaluations.promptfoo.path"]   # no path on this machine
+    before = table_counts(pool)
+    prompts = ("prompts.txt", b"Colour of the {{ x }}?", "text/plain")
+    ten = ", ".join("abcdefghij")
+    for files, message in [
+        ([("promptfooconfig.yaml", b"prompts: [file:///etc/passwd]\n", "application/yaml")],
+         "file reference 'file:///etc/passwd' is refused: absolute paths are not allowed"),
+        ([("promptfooconfig.yaml", b"prompts: [file://prompts.txt]\ntests:\n  - vars: {x: file://../../../etc/hostname}\n",
+           "application/yaml"), prompts],
+         "file reference 'file://../../../etc/hostname' is refused: '..' would leave the config's folder"),
+        ([("promptfooconfig.yaml", b"prompts: [file://prompts.txt]\ndefaultTest:\n  vars: {x: 'file://~/.ssh/id_rsa'}\n",
+           "application/yaml"), prompts],
+         "file reference 'file://~/.ssh/id_rsa' is refused"),
+        ([("promptfooconfig.yaml", b"a: &a [x, x]\nb: [*a, *a]\nprompts: [file://prompts.txt]\n", "application/yaml"),
+          prompts], "YAML anchors (&a) are not accepted"),
+        ([("promptfooconfig.yaml", ("prompts: [file://prompts.txt]\ntests:\n  - vars: {"
+                                    + ", ".join(f"v{i}: [{ten}]" for i in range(7)) + "}\n").encode(),
+           "application/yaml"), prompts], "the tests expand into more than 10,000"),
+        ([("promptfooconfig.yaml", b"prompts: [file://prompts.txt]\ntests: file://big.csv\n", "application/yaml"),
+          prompts, ("big.csv", b"x\n" * (8 * 1024 * 1024 + 1), "text/csv")],
+         "'big.csv' is 16,777,218 bytes, more than the 16 MiB allowed"),
+    ]:
+        at.file_uploader(key="evaluations.promptfoo.files").set_value(files)
+        at.run()
+        at.button(key="evaluations.promptfoo.start").click()
+        at.run()
+        assert not at.exception
+        assert len(at.error) == 1 and message in texts(at.error), (message, texts(at.error))
+    assert table_counts(pool) == before

@@ -167,7 +167,7 @@ def test_a_promptfoo_suite_runs_and_unsupported_checks_fail(pool, settings, tmp_
     ("prompts: [", {}, "not valid YAML"),
     ("- a list", {}, "YAML mapping"),
     ("providers: [x]", {}, "has no prompts"),
-    ("prompts: [file://missing.txt]", {}, "missing.txt: no such file"),
+    ("prompts: [file://missing.txt]", {}, "'file://missing.txt': no such file"),
     ("prompts: [file://p.py]", {"p.py": "def f(): pass"}, "prompt functions"),
     ("prompts: ['{{ x }}']\ntests: file://t.txt", {"t.txt": "x"}, "must come from a .csv"),
     ("prompts: ['{{ x }}']\ntests: file://t.csv", {"t.csv": "x\n1,2\n"}, "more fields than the header"),
@@ -179,8 +179,11 @@ def test_bad_configs_fail_with_one_line(tmp_path, body, files, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     path = write(tmp_path / "promptfooconfig.yaml", body)
-    with pytest.raises(promptfoo.PromptfooError, match=message):
+    with pytest.raises(promptfoo.PromptfooError, match=message) as raised:
         promptfoo.load(path)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(promptfoo.PromptfooError, match=message):   # the same config uploaded with its files
+        promptfoo.load_config(body, {name: text.encode() for name, text in files.items()})
 
 
 def test_test_thresholds_from_yaml_csv_and_default_test(tmp_path):
@@ -210,3 +213,18 @@ def test_uploaded_files_without_folders_are_found_beside_the_config(tmp_path):
     (tmp_path / "pair.txt").write_text("A {{ x }}\n---\nB {{ x }}\n", encoding="utf-8")
     path = write(tmp_path / "promptfooconfig.yaml", "prompts: [file://prompts/pair.txt]\n")
     assert [p.content for p in promptfoo.load(path).prompts] == ["A {{ x }}", "B {{ x }}"]
+    suite = promptfoo.load_config(b"prompts: [file://prompts/pair.txt]\n", {"pair.txt": b"A {{ x }}\n---\nB {{ x }}\n"})
+    assert [p.content for p in suite.prompts] == ["A {{ x }}", "B {{ x }}"]
+
+
+def test_an_uploaded_config_reads_like_the_same_config_on_disk(config):
+    folder = config.parent
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+             and p != config}
+    uploaded = promptfoo.load_config(config.read_bytes(), files, config_name="promptfooconfig.yaml")
+    on_disk = promptfoo.load_config_path(config)
+    assert [(p.label, p.content) for p in uploaded.prompts] == [(p.label, p.content) for p in on_disk.prompts]
+    assert uploaded.tests == on_disk.tests and uploaded.name == on_disk.name == "translation-smoke-test"
+    # uploads lose their folders: the same files without them are found by name
+    flat = {name.rsplit("/", 1)[-1]: data for name, data in files.items()}
+    assert promptfoo.load_config(config.read_bytes(), flat).tests == on_disk.tests

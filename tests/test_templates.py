@@ -379,24 +379,36 @@ def _history_fixture(pool):
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
-def test_export_import_round_trips_exactly(pool, other_pool, tmp_path, fmt):
+def test_export_import_round_trips_content_and_stamps_the_importer(pool, other_pool, tmp_path, fmt):
     _history_fixture(pool)
     path = tmp_path / f"export.{fmt}"
     assert tpl.export_to_file(pool, path) == 2
-    report = tpl.import_from_file(other_pool, path)
+    started = tpl.get_template(pool, "beta").updated_at
+    report = tpl.import_from_file(other_pool, path, imported_by="importer")
     assert sorted(report.created) == ["alpha", "beta"] and not report.extended and not report.diverged
-    again = tmp_path / f"again.{fmt}"
-    tpl.export_to_file(other_pool, again)
-    assert again.read_text() == path.read_text()
     for name in ("alpha", "beta"):
-        assert [(v.version, v.content_sha256, v.created_by, v.created_at, v.rollback_of)
-                for v in tpl.get_version_history(other_pool, name)] == [
-            (v.version, v.content_sha256, v.created_by, v.created_at, v.rollback_of)
-            for v in tpl.get_version_history(pool, name)]
+        mine, theirs = tpl.get_version_history(other_pool, name), tpl.get_version_history(pool, name)
+        assert [(v.version, v.content_sha256, v.content, v.params, v.input_schema, v.output_schema, v.rollback_of)
+                for v in mine] == [(v.version, v.content_sha256, v.content, v.params, v.input_schema,
+                                    v.output_schema, v.rollback_of) for v in theirs]
+        # the importer made every version, now; the original author and time are kept as marked imported text
+        assert all(v.created_by == "importer" and v.created_at > started for v in mine)
+        for m, t in zip(mine, theirs):
+            by = f", by {t.created_by}" if t.created_by else ""
+            original = f"[original: version {t.version}{by}, at {t.created_at.isoformat()}]"
+            assert m.change_description == (f"imported: {t.change_description} {original}" if t.change_description
+                                            else f"imported: {original}")
     assert tpl.get_labels(other_pool, "alpha") == {"production": 3, "staging": 1, "latest": 3}
-    assert len(tpl.get_label_history(other_pool, "alpha")) == 3
+    # the label moves recorded are the import's own, not the file's history
+    assert {(e.label, e.from_version, e.to_version, e.moved_by) for e in tpl.get_label_history(other_pool, "alpha")} \
+        == {("production", None, 3, "importer"), ("staging", None, 1, "importer")}
     assert not tpl.get_template(other_pool, "beta").active
     assert tpl.render_template_by_name(other_pool, "alpha", {"name": "Zoe"}).prompt == "Hello Zoe"
+    # importing the copy's export back where it came from changes nothing (same contents)
+    again = tmp_path / f"again.{fmt}"
+    tpl.export_to_file(other_pool, again)
+    assert sorted(tpl.import_from_file(pool, again).unchanged) == ["alpha", "beta"]
+    assert [v.created_by for v in tpl.get_version_history(pool, "alpha")] == ["cy", "bob", "ann"]
 
 
 def test_import_over_existing_templates_never_rewrites_history(pool, other_pool, tmp_path):
@@ -429,7 +441,8 @@ def test_import_over_existing_templates_never_rewrites_history(pool, other_pool,
     after = tpl.get_version_history(other_pool, "alpha")
     assert [(v.version, v.content_sha256, v.created_at) for v in after[1:]] == before  # nothing rewritten
     assert after[0].version == 5 and after[0].text == "remote change {{ name }}"
-    assert after[0].change_description == "r (imported: was version 4)" and after[0].created_by == "remote"
+    assert after[0].change_description.startswith("imported: r [original: version 4, by remote, at ")
+    assert after[0].created_by == "import"   # no importer named
 
 
 def test_import_refuses_bad_files_atomically(pool, tmp_path):
@@ -590,8 +603,22 @@ def test_content_postgres_cannot_store_is_refused_clearly(pool, content, message
     (lambda t: t.update(labels={"production": {"moved_by": "x"}}), "alpha: label 'production' points at unknown"),
     (lambda t: t.update(labels={"production": {"version": "two"}}), "alpha: label 'production' points at unknown"),
     (lambda t: t.update(labels={"production": "two"}), "alpha: label 'production' points at unknown"),
-    (lambda t: t.update(label_history=[{"from_version": 1}]), "alpha: malformed export data: missing 'label'"),
     (lambda t: t.update(versions="nope"), "alpha"),
+    (lambda t: t.update(labels={"Production": 1}), r"alpha: invalid label 'Production'"),
+    (lambda t: t.update(labels={"production\n": 1}), r"alpha: invalid label 'production\\n'"),
+    (lambda t: t.update(labels={"latest": 1}), r"alpha: 'latest' always points at the newest version"),
+    (lambda t: t.update(labels={"x" * 64: 1}), r"alpha: invalid label 'xxx"),
+    (lambda t: t.update(labels={"prod uction": 1}), r"alpha: invalid label 'prod uction'"),
+    (lambda t: t.update(labels={"<script>": 1}), r"alpha: invalid label '<script>'"),
+    (lambda t: t.update(labels=["production"]), r"alpha: labels must be a mapping"),
+    (lambda t: t["versions"][0].update(rollback_of="1"), r"alpha version 1: rollback_of must be an earlier version"),
+    (lambda t: t["versions"][0].update(created_at="yesterday"), r"alpha version 1: invalid timestamp 'yesterday'"),
+    (lambda t: t["versions"][0].update(created_by=["root"]), r"alpha version 1: created_by must be text"),
+    (lambda t: t["versions"][0].update(change_description="a\x00b"), r"change_description contains a NUL"),
+    (lambda t: t["versions"][0].update(version="1"), r"versions must be numbered"),
+    (lambda t: t.update(active="no"), r"alpha: active must be true or false"),
+    (lambda t: t.update(name="alpha\n"), r"invalid template name"),
+    (lambda t: t.update(owner="a\x00"), r"alpha: owner contains a NUL"),
 ])
 def test_import_of_malformed_data_is_one_clear_error_and_writes_nothing(pool, other_pool, mangle, message):
     tpl.create_template(pool, "alpha", "A {{ x }}")

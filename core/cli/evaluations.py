@@ -368,7 +368,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     waiting(p)
     p.set_defaults(func=_eval_run)
     p = esub.add_parser("promptfoo", help="import and run a promptfoo config")
-    p.add_argument("config", help="path to promptfooconfig.yaml")
+    p.add_argument("config", help="path to promptfooconfig.yaml (the files it refers to must lie in its folder "
+                                  "or below it)")
     p.add_argument("--name", help="name for the templates and dataset (default: from the config)")
     waiting(p)
     p.set_defaults(func=_eval_promptfoo)

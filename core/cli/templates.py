@@ -15,6 +15,7 @@ from core import db
 from core import templates as tpl
 from core.cli._common import fail
 from core.config import Settings
+from core.templates import interchange
 
 
 def _whoami() -> str:
@@ -287,7 +288,8 @@ def _export(args: argparse.Namespace, settings: Settings) -> None:
 def _import(args: argparse.Namespace, settings: Settings) -> None:
     by = args.by if args.by is not None else _whoami()
     if args.file == "-":
-        report = tpl.import_templates(db.get_pool(settings), tpl.load_export(sys.stdin.read(), args.format or "yaml"),
+        data = sys.stdin.buffer.read(interchange.MAX_IMPORT_BYTES + 1)   # the cap and one byte more: TooLarge
+        report = tpl.import_templates(db.get_pool(settings), tpl.load_export(data, args.format or "yaml"),
                                       imported_by=by)
     else:
         report = tpl.import_from_file(db.get_pool(settings), args.file, imported_by=by, fmt=args.format)
@@ -426,7 +428,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import an export file (existing history is never rewritten)")
     p.add_argument("file", help="a file written by export, or - for standard input")
     p.add_argument("--format", choices=("yaml", "json"))
-    p.add_argument("--by", default=None, help="who imports (recorded on label moves)")
+    p.add_argument("--by", default=None, help="who imports (recorded as the author of the imported versions and "
+                                              "label moves; the file's authors are kept as imported notes)")
     p.set_defaults(func=_import)
 
     p = subparsers.add_parser("render", help="render a template: promptdev render NAME key=value key:=json …")

@@ -2,6 +2,13 @@
 
 `export_templates` gives templates with every version, label and label move as plain data (`dump_export` as YAML or
 JSON); `import_templates` brings such data back in one transaction without ever rewriting a stored version.
+
+An import file is someone else's claim, not history: every imported version and label move is recorded as made by
+the importer at the time of the import. What the file says about a version's author, time, description and commit
+is kept only as text marked as imported, in the change description (`imported: <description> [original: …]`).
+The file's label history is not replayed. Files are read with a byte cap (`MAX_IMPORT_BYTES`) and YAML without
+anchors or aliases (see core.untrusted).
+
 `register_code_prompts` tracks prompts defined in code: a new version only when the content hash changes, with the
 git commit of the caller's repository.
 """
@@ -20,7 +27,9 @@ import psycopg
 import yaml
 from psycopg.rows import dict_row
 
-from .content import _clean_tags, _prepare, _Prepared, _text, check_label, check_name
+from core import untrusted
+
+from .content import _check_storable, _clean_tags, _prepare, _Prepared, _text, check_label, check_name
 from .errors import InvalidTemplateInput, TemplateError, TemplateNotFound
 from .store import (
     _VERSION_COLUMNS,
@@ -32,10 +41,12 @@ from .store import (
     _template_row,
     set_label,
 )
-from .types import ImportReport, TemplateVersion
+from .types import LABEL_RE, NAME_RE, ImportReport, TemplateVersion
 
 EXPORT_FORMAT = "promptdev-templates"
 EXPORT_FORMAT_VERSION = 1
+MAX_IMPORT_BYTES = 16 * 1024 * 1024   # an import file (YAML or JSON); README "Limits"
+MAX_NOTE_CHARS = 500                  # an imported change description, kept as text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,21 +107,20 @@ def dump_export(data: Mapping[str, Any], fmt: str = "yaml") -> str:
     raise InvalidTemplateInput(f"unknown export format {fmt!r}: use yaml or json")
 
 
-def load_export(text: str, fmt: str = "yaml") -> dict[str, Any]:
-    """Parse export text (YAML or JSON)."""
-    try:
-        if fmt == "json":
-            data = json.loads(text)
-        elif fmt in ("yaml", "yml"):
-            data = yaml.safe_load(text)
-        else:
-            raise InvalidTemplateInput(f"unknown export format {fmt!r}: use yaml or json")
-    except (json.JSONDecodeError, ValueError) as exc:
-        if isinstance(exc, TemplateError):
-            raise
-        raise InvalidTemplateInput(f"not valid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # yaml.YAMLError
-        raise InvalidTemplateInput(f"not valid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
+def load_export(text: str | bytes, fmt: str = "yaml") -> dict[str, Any]:
+    """Parse export text (YAML or JSON): at most MAX_IMPORT_BYTES (TooLarge), YAML without anchors or aliases."""
+    if fmt not in ("json", "yaml", "yml"):
+        raise InvalidTemplateInput(f"unknown export format {fmt!r}: use yaml or json")
+    untrusted.check_text(text, MAX_IMPORT_BYTES, "the import file")
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InvalidTemplateInput(f"the import file is not UTF-8 text (byte {exc.start})") from None
+    if fmt == "json":
+        data = untrusted.load_json(text, "the import file", error=InvalidTemplateInput)
+    else:
+        data = untrusted.load_yaml(text, "the import file", error=InvalidTemplateInput)
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise InvalidTemplateInput(f"not a PromptDev templates export (expected format: {EXPORT_FORMAT})")
     if data.get("format_version") != EXPORT_FORMAT_VERSION:
@@ -148,12 +158,13 @@ def export_to_file(pool: DB, path: str | Path, names: Iterable[str] | None = Non
 
 
 def import_from_file(pool: DB, path: str | Path, *, imported_by: str = "", fmt: str | None = None) -> ImportReport:
-    """Import an export file; see import_templates."""
+    """Import an export file (at most MAX_IMPORT_BYTES, checked before it is read); see import_templates."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidTemplateInput(f"cannot read {path}: {exc.strerror or exc}") from None
-    return import_templates(pool, load_export(text, fmt or format_for_path(path)), imported_by=imported_by)
+        real = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InvalidTemplateInput(f"cannot read {path}: {exc}") from None
+    data = untrusted.read_file(real, MAX_IMPORT_BYTES, f"{path}", error=InvalidTemplateInput)
+    return import_templates(pool, load_export(data, fmt or format_for_path(path)), imported_by=imported_by)
 
 
 def _ts(value: Any, where: str) -> datetime:
@@ -162,7 +173,71 @@ def _ts(value: Any, where: str) -> datetime:
     try:
         return datetime.fromisoformat(str(value))
     except ValueError:
-        raise InvalidTemplateInput(f"{where}: invalid timestamp {value!r}") from None
+        raise InvalidTemplateInput(f"{where}: invalid timestamp {str(value)[:40]!r}") from None
+
+
+def _plain(value: Any, what: str) -> str:
+    """Text from the file that is stored as it is: text, storable (no NUL, no lone surrogates)."""
+    text = _text(value, what)
+    _check_storable(text, what)
+    return text
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")   # C0 and C1 controls: newlines, terminal escapes, …
+
+
+def _one_line(value: Any, what: str, limit: int) -> str:
+    """Text from the file kept only as a note: one line, control characters blanked, at most limit characters."""
+    text = " ".join(_CONTROL.sub(" ", _plain(value, what)).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _name(value: Any) -> str:
+    """A template name by the rule names created here follow (the whole name: no trailing newline)."""
+    name = check_name(value)
+    if not NAME_RE.fullmatch(name):
+        raise InvalidTemplateInput(f"invalid template name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _label(value: Any, where: str) -> str:
+    """A label by the same rule as labels moved in the UI (check_label), the whole name matching."""
+    try:
+        label = check_label(value)
+        if not LABEL_RE.fullmatch(label):
+            raise InvalidTemplateInput(f"invalid label {label!r}: use lowercase letters, digits, '.', '_' or '-', "
+                                       f"starting with a letter")
+    except TypeError:   # an unhashable key
+        raise InvalidTemplateInput(f"invalid label {value!r}") from None
+    except InvalidTemplateInput as exc:
+        raise InvalidTemplateInput(f"{where}: {exc}") from None
+    return label
+
+
+def _imported_note(v: Mapping[str, Any], where: str) -> str:
+    """The change description of an imported version: what the file claims, marked as imported."""
+    desc = _one_line(v.get("change_description"), f"{where}: change_description", MAX_NOTE_CHARS)
+    while desc.lower().startswith("imported:"):
+        desc = desc[len("imported:"):].strip()
+    original = [f"version {v['version']}"]
+    author = _one_line(v.get("created_by"), f"{where}: created_by", 100)
+    if author:
+        original.append(f"by {author}")
+    if v.get("created_at"):
+        original.append(f"at {_ts(v['created_at'], where).isoformat()}")
+    commit = _one_line(v.get("git_commit"), f"{where}: git_commit", 64)
+    if commit:
+        original.append(f"git {commit}")
+    return f"imported: {desc + ' ' if desc else ''}[original: {', '.join(original)}]"
+
+
+def _rollback_of(v: Mapping[str, Any], where: str) -> int | None:
+    value = v.get("rollback_of")
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value < v["version"]:
+        raise InvalidTemplateInput(f"{where}: rollback_of must be an earlier version number, got {value!r}")
+    return value
 
 
 def _imported_versions(item: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], _Prepared]]:
@@ -170,9 +245,11 @@ def _imported_versions(item: Mapping[str, Any]) -> list[tuple[Mapping[str, Any],
     versions = item.get("versions") or []
     if not versions:
         raise InvalidTemplateInput(f"{name}: no versions")
+    if not isinstance(versions, list):
+        raise InvalidTemplateInput(f"{name}: versions must be a list")
     out = []
     for expected, v in enumerate(versions, 1):
-        if not isinstance(v, Mapping) or v.get("version") != expected:
+        if not isinstance(v, Mapping) or type(v.get("version")) is not int or v.get("version") != expected:
             raise InvalidTemplateInput(f"{name}: versions must be numbered 1, 2, 3 … in order (expected {expected})")
         content = v.get("messages") if v.get("kind") == "chat" else v.get("text")
         try:
@@ -182,15 +259,34 @@ def _imported_versions(item: Mapping[str, Any]) -> list[tuple[Mapping[str, Any],
             raise InvalidTemplateInput(f"{name} version {expected}: {exc}") from None
         if v.get("content_sha256") and v["content_sha256"] != prepared.sha256:
             raise InvalidTemplateInput(f"{name} version {expected}: content does not match its content_sha256")
-        out.append((v, prepared))
+        where = f"{name} version {expected}"
+        out.append(({"version": expected, "note": _imported_note(v, where), "rollback_of": _rollback_of(v, where)},
+                    prepared))
+    return out
+
+
+def _labels(item: Mapping[str, Any]) -> dict[str, int]:
+    """The file's labels as {label: version}, each label checked."""
+    raw = item.get("labels") or {}
+    if not isinstance(raw, Mapping):
+        raise InvalidTemplateInput(f"{item['name']}: labels must be a mapping of label to version")
+    out = {}
+    for label, spec in raw.items():
+        label = _label(label, item["name"])
+        target = spec.get("version") if isinstance(spec, Mapping) else spec
+        out[label] = target
     return out
 
 
 def import_templates(pool: DB, data: Mapping[str, Any], *, imported_by: str = "") -> ImportReport:
-    """Import export data in one transaction. New templates arrive with their full history, labels and label
-    moves as recorded. Existing ones are never rewritten: versions beyond theirs are appended when their history
+    """Import export data in one transaction (all of it or nothing). New templates arrive with every version and
+    their current labels; existing ones are never rewritten: versions beyond theirs are appended when their history
     is a prefix of the file's (and labels moved to match); when histories diverged, the file's unknown contents
-    are appended as new versions."""
+    are appended as new versions.
+
+    Every version and label move written is the importer's (imported_by, or "import"), made now; the file's authors,
+    times, descriptions and commits are kept only in each version's change description, marked `imported:`. The
+    file's label history is not replayed: the label moves recorded are the import's own."""
     created, unchanged = [], []
     extended: dict[str, int] = {}
     diverged: dict[str, int] = {}
@@ -198,18 +294,20 @@ def import_templates(pool: DB, data: Mapping[str, Any], *, imported_by: str = ""
     items = data.get("templates") if isinstance(data, Mapping) else None
     if not isinstance(items, list):
         raise InvalidTemplateInput("export data has no 'templates' list")
+    importer = _one_line(imported_by, "imported_by", 100) or "import"
     current = "?"
     try:
         with _connection(pool) as conn, conn.transaction():
             for item in items:
                 if not isinstance(item, Mapping) or "name" not in item:
                     raise InvalidTemplateInput("every template in the file needs a name")
-                name = check_name(item["name"])
+                name = _name(item["name"])
                 current = name
                 versions = _imported_versions(item)
+                labels = _labels(item)
                 exists = conn.execute("SELECT id FROM templates WHERE name = %s FOR UPDATE", (name,)).fetchone()
                 if exists is None:
-                    _import_new(conn, item, versions)
+                    labels_moved += _import_new(conn, item, versions, labels, importer)
                     created.append(name)
                     continue
                 tmpl = _template_row(conn, name, lock=True)
@@ -221,18 +319,18 @@ def import_templates(pool: DB, data: Mapping[str, Any], *, imported_by: str = ""
                 if prefix:
                     added = 0
                     for v, p in versions[len(have):]:
-                        _insert_version(conn, tmpl["id"], name, v["version"], p, v.get("created_by") or "",
-                                        v.get("change_description") or "", v.get("rollback_of"), v.get("git_commit"),
-                                        _ts(v.get("created_at"), f"{name} version {v['version']}")
-                                        if v.get("created_at") else None)
+                        _insert_version(conn, tmpl["id"], name, v["version"], p, importer, v["note"],
+                                        v["rollback_of"])
                         added += 1
                     if added:
                         conn.execute("UPDATE templates SET latest_version = %s, updated_at = clock_timestamp() "
                                      "WHERE id = %s", (len(versions), tmpl["id"]))
                         extended[name] = added
-                    for label, spec in (item.get("labels") or {}).items():
-                        target = spec["version"] if isinstance(spec, Mapping) else spec
-                        if set_label(conn, name, label, int(target), moved_by=imported_by or "import"):
+                    for label, target in labels.items():
+                        if type(target) is not int or not 1 <= target <= len(versions):
+                            raise InvalidTemplateInput(f"{name}: label {label!r} points at unknown version "
+                                                       f"{target!r}")
+                        if set_label(conn, name, label, target, moved_by=importer):
                             labels_moved += 1
                     if not added:
                         unchanged.append(name)
@@ -243,9 +341,7 @@ def import_templates(pool: DB, data: Mapping[str, Any], *, imported_by: str = ""
                         if p.sha256 in known:
                             continue
                         tmpl = _template_row(conn, name, lock=True)
-                        desc = (v.get("change_description") or "").strip()
-                        _new_version(conn, tmpl, p, v.get("created_by") or imported_by or "",
-                                     f"{desc + ' ' if desc else ''}(imported: was version {v['version']})")
+                        _new_version(conn, tmpl, p, importer, v["note"])
                         known.add(p.sha256)
                         appended += 1
                     if appended:
@@ -263,46 +359,34 @@ def import_templates(pool: DB, data: Mapping[str, Any], *, imported_by: str = ""
     return ImportReport(created, extended, unchanged, diverged, labels_moved)
 
 
-def _import_new(conn: psycopg.Connection, item: Mapping[str, Any],
-                versions: list[tuple[Mapping[str, Any], _Prepared]]) -> None:
+def _import_new(conn: psycopg.Connection, item: Mapping[str, Any], versions: list[tuple[Mapping[str, Any], _Prepared]],
+                labels: Mapping[str, Any], importer: str) -> int:
+    """Create an imported template (now, by the importer) with its versions and labels; the number of labels set."""
     name = item["name"]
-    now = datetime.now().astimezone()
-    created_at = _ts(item["created_at"], name) if item.get("created_at") else now
-    updated_at = _ts(item["updated_at"], name) if item.get("updated_at") else now
+    active = item.get("active", True)
+    if not isinstance(active, bool):
+        raise InvalidTemplateInput(f"{name}: active must be true or false, got {active!r}")
     template_id = conn.execute(
-        """INSERT INTO templates (name, description, category, tags, owner, active, latest_version, created_at,
-               updated_at)
-           VALUES (%(name)s, %(description)s, %(category)s, %(tags)s, %(owner)s, %(active)s, %(latest_version)s,
-               %(created_at)s, %(updated_at)s)
+        """INSERT INTO templates (name, description, category, tags, owner, active, latest_version)
+           VALUES (%(name)s, %(description)s, %(category)s, %(tags)s, %(owner)s, %(active)s, %(latest_version)s)
            RETURNING id""",
-        {"name": name, "description": _text(item.get("description"), "description"),
-         "category": _text(item.get("category"), "category"), "tags": _clean_tags(item.get("tags")),
-         "owner": _text(item.get("owner"), "owner"), "active": bool(item.get("active", True)),
-         "latest_version": len(versions), "created_at": created_at, "updated_at": updated_at},
+        {"name": name, "description": _plain(item.get("description"), "description"),
+         "category": _plain(item.get("category"), "category"),
+         "tags": [_plain(t, "tags") for t in _clean_tags(item.get("tags"))],
+         "owner": _plain(item.get("owner"), "owner"), "active": active, "latest_version": len(versions)},
     ).fetchone()[0]
     ids = {}
     for v, p in versions:
-        tv = _insert_version(conn, template_id, name, v["version"], p, v.get("created_by") or "",
-                             v.get("change_description") or "", v.get("rollback_of"), v.get("git_commit"),
-                             _ts(v["created_at"], name) if v.get("created_at") else None)
+        tv = _insert_version(conn, template_id, name, v["version"], p, importer, v["note"], v["rollback_of"])
         ids[tv.version] = tv.id
-    for label, spec in (item.get("labels") or {}).items():
-        check_label(label)
-        spec = spec if isinstance(spec, Mapping) else {"version": spec}
-        if spec.get("version") not in ids:
-            raise InvalidTemplateInput(f"{name}: label {label!r} points at unknown version {spec.get('version')!r}")
-        conn.execute("""INSERT INTO template_labels (template_id, label, version_id, moved_by, moved_at)
-                        VALUES (%s, %s, %s, %s, COALESCE(%s, clock_timestamp()))""",
-                     (template_id, label, ids[spec["version"]], spec.get("moved_by") or "",
-                      _ts(spec["moved_at"], name) if spec.get("moved_at") else None))
-    for e in item.get("label_history") or []:
-        conn.execute("""INSERT INTO template_label_events (template_id, label, from_version, to_version, moved_by,
-                            moved_at)
-                        VALUES (%(template_id)s, %(label)s, %(from_version)s, %(to_version)s, %(moved_by)s,
-                            COALESCE(%(moved_at)s, clock_timestamp()))""",
-                     {"template_id": template_id, "label": e["label"], "from_version": e.get("from_version"),
-                      "to_version": e.get("to_version"), "moved_by": e.get("moved_by") or "",
-                      "moved_at": _ts(e["moved_at"], name) if e.get("moved_at") else None})
+    for label, target in labels.items():
+        if type(target) is not int or target not in ids:
+            raise InvalidTemplateInput(f"{name}: label {label!r} points at unknown version {target!r}")
+        conn.execute("""INSERT INTO template_labels (template_id, label, version_id, moved_by)
+                        VALUES (%s, %s, %s, %s)""", (template_id, label, ids[target], importer))
+        conn.execute("""INSERT INTO template_label_events (template_id, label, from_version, to_version, moved_by)
+                        VALUES (%s, %s, NULL, %s, %s)""", (template_id, label, target, importer))
+    return len(labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
