@@ -2,9 +2,11 @@
 
 An evaluator is a mapping like promptfoo's `assert` entries: `{"type": "contains", "value": "Paris"}`, with an
 optional `threshold`, `weight` (default 1), `name` (promptfoo's `metric` also works) and `not-` prefix for negation.
-Values may use the item's variables (`{{ city }}`), rendered in a Jinja2 sandbox; an evaluator that compares with a
-reference and has no value compares with the item's expected output. Running one never raises: any problem is a
-failed check with its reason.
+Values may use the item's variables (`{{ city }}`), rendered by `core.templates.render_string` — the same sandbox
+and limits as templates; an evaluator that compares with a reference and has no value compares with the item's
+expected output. Regular expressions (the `regex` type, JSON Schema patterns) run on `core.regexes`, with a time
+bound, and are refused when defined if they backtrack too much. Running one never raises: any problem is a failed
+check with its reason.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jsonschema
 import yaml
-from jinja2.sandbox import SandboxedEnvironment
 
+from core import regexes, templates
 from core.errors import InvalidInput
 
 # type -> (what it checks, how it uses value / threshold)
@@ -201,6 +203,10 @@ def _load_schema(value: Any) -> dict[str, Any]:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise EvaluatorError(f"invalid JSON Schema: {exc.message}") from None
+    try:
+        regexes.check_schema_patterns(schema)
+    except regexes.RegexError as exc:
+        raise EvaluatorError(str(exc)) from None
     return schema
 
 
@@ -273,9 +279,15 @@ def parse(spec: Mapping[str, Any] | str | Evaluator, *, allow_unsupported: bool 
         raise EvaluatorError(f"{raw_type}: threshold (minimum score) must be between 0 and 1, got {threshold}")
     if base == "regex" and not _is_templated(value):
         try:
-            re.compile(str(value))
-        except re.error as exc:
-            raise EvaluatorError(f"{raw_type}: invalid regular expression {value!r}: {exc}") from None
+            regexes.compile(str(value))
+        except regexes.RegexError as exc:
+            raise EvaluatorError(f"{raw_type}: {exc}") from None
+        try:
+            regexes.self_test(str(value))
+        except regexes.RegexTooSlow as exc:
+            if not allow_unsupported:
+                raise EvaluatorError(f"{raw_type}: {exc}") from None
+            return _unsupported(base, negate, spec, f"{raw_type}: {exc}")
     if base in ("is-json", "contains-json", "json-schema") and value not in (None, "") and not _is_templated(value):
         value = _load_schema(value)
     if base in ("contains-any", "icontains-any", "contains-all", "icontains-all") and value is not None:
@@ -471,7 +483,7 @@ def extract_all_json(text: str) -> list[Any]:
 
 
 def _schema_errors(instance: Any, schema: Any) -> str | None:
-    validator = jsonschema.validators.validator_for(schema)(schema)
+    validator = regexes.schema_validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     if error is None:
         return None
@@ -577,8 +589,13 @@ def _render_value(value: Any, ctx: Context) -> Any:
         return [_render_value(v, ctx) for v in value]
     if not _is_templated(value):
         return value
-    env = SandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
-    return env.from_string(value).render({**dict(ctx.variables), "expected": ctx.expected})
+    variables = {**dict(ctx.variables), "expected": ctx.expected}
+    try:
+        return templates.render_string(value, variables)
+    except templates.MissingVariables as exc:  # as before: a variable the item does not have renders empty
+        if not exc.names or exc.problems:
+            raise
+        return templates.render_string(value, {**{name: "" for name in exc.names}, **variables})
 
 
 def _reference(ev: Evaluator, value: Any, ctx: Context) -> Any:
@@ -638,9 +655,9 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
         return (*_binary(ok, f"output {'starts' if ok else 'does not start'} with {_short(ref)!r}"), None)
     if t == "regex":
         try:
-            ok = re.search(str(value), out) is not None
-        except re.error as exc:
-            raise _Unusable(f"invalid regular expression: {exc}") from None
+            ok = regexes.search(str(value), out) is not None
+        except regexes.RegexError as exc:
+            raise _Unusable(str(exc)) from None
         return (*_binary(ok, f"output {'matches' if ok else 'does not match'} /{_short(str(value))}/"), None)
     if t in ("is-json", "contains-json", "json-schema"):
         schema = value

@@ -10,7 +10,11 @@ template, on input, output or both, with an action:
 * ``halt``   — the conversation is halted (as if an operator did it) and the user gets the paused reply.
 
 `check()` is pure: it runs rules over a text and returns what to do. `record_hits()` stores the hits with the
-message and execution they concern. A broken regular expression is refused when the rule is saved, with the reason.
+message and execution they concern. A broken regular expression is refused when the rule is saved, with the reason,
+and so is one that backtracks too much on hostile texts (`regexes.check_pattern`). Every detector runs on the
+bounded engine of `core.regexes`: a rule scans the text in windows of MAX_SCAN_CHARS, all rules on one text share
+CHECK_SECONDS of matching, and a rule that runs out of time counts as a hit (a redact rule then blocks: what it
+would have removed is unknown) — a slow rule never lets a message through unchecked, nor stalls the process.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from core import templates
+from core import regexes, templates
 from core.errors import Conflict, InvalidInput, NotFound
 
 KINDS = {
@@ -38,12 +42,18 @@ KINDS = {
 DIRECTIONS = ("input", "output", "both")
 ACTIONS = ("block", "redact", "flag", "halt")
 DEFAULT_REPLACEMENTS = {"email": "[email]", "phone": "[phone]", "card": "[card]"}
-MAX_PATTERN_LENGTH = 1000
+MAX_PATTERN_LENGTH = regexes.MAX_PATTERN_CHARS
+MAX_WORDS_CHARS = 10_000  # a words rule's words and phrases together
+MAX_SCAN_CHARS = 20_000  # a rule scans a longer text in windows of this size ...
+SCAN_OVERLAP = 1_000  # ... overlapping by this much, so a match across a window's end is still found
+CHECK_SECONDS = 1.0  # seconds of matching for all rules on one text (each rule at most regexes.MATCH_SECONDS)
+TIMED_OUT = "the rule took too long on this text"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,79}$")
 
-EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
-CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-PHONE_RE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,5}(?:[\s.-]?\d{2,5}){1,5}(?!\w)")
+EMAIL_RE = regexes.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+CARD_RE = regexes.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+PHONE_RE = regexes.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,5}"
+                           r"(?:[\s.-]?\d{2,5}){1,5}(?!\w)")
 _DATE_RE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
 
 
@@ -185,19 +195,19 @@ def _digits(s: str) -> str:
     return "".join(ch for ch in s if ch.isdigit())
 
 
-def _card_spans(text: str) -> list[tuple[int, int]]:
+def _card_spans(text: str, timeout: float = regexes.MATCH_SECONDS) -> list[tuple[int, int]]:
     spans = []
-    for m in CARD_RE.finditer(text):
-        digits = _digits(m.group())
+    for start, end in regexes.spans(CARD_RE, text, timeout=timeout):
+        digits = _digits(text[start:end])
         if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            spans.append(m.span())
+            spans.append((start, end))
     return spans
 
 
-def _phone_spans(text: str) -> list[tuple[int, int]]:
+def _phone_spans(text: str, timeout: float = regexes.MATCH_SECONDS) -> list[tuple[int, int]]:
     spans = []
-    for m in PHONE_RE.finditer(text):
-        s = m.group()
+    for start, end in regexes.spans(PHONE_RE, text, timeout=timeout):
+        s = text[start:end]
         digits = _digits(s)
         if _DATE_RE.match(s.strip()):
             continue
@@ -205,31 +215,51 @@ def _phone_spans(text: str) -> list[tuple[int, int]]:
             continue  # a payment card number, the card detector's business
         international = s.lstrip().startswith("+") or "(" in s
         if (9 <= len(digits) <= 15) or (international and 7 <= len(digits) <= 15):
-            spans.append(m.span())
+            spans.append((start, end))
     return spans
 
 
-def _words_regex(words: Sequence[str]) -> re.Pattern[str]:
+def _words_regex(words: Sequence[str]) -> Any:
     alternatives = sorted({w.strip() for w in words if w.strip()}, key=len, reverse=True)
     parts = [r"\s+".join(re.escape(piece) for piece in w.split()) for w in alternatives]
-    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
+    return regexes.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", flags=re.IGNORECASE)
 
 
-def find(rule: Rule, text: str) -> list[tuple[int, int]]:
-    """Spans of text the rule matches (for max_length: the part beyond the limit)."""
+def _windows(text: str) -> list[tuple[int, str]]:
+    """(offset, piece) of the windows a rule scans: the whole text when it is short."""
+    if len(text) <= MAX_SCAN_CHARS:
+        return [(0, text)]
+    step = MAX_SCAN_CHARS - SCAN_OVERLAP
+    return [(i, text[i:i + MAX_SCAN_CHARS]) for i in range(0, len(text) - SCAN_OVERLAP, step)]
+
+
+def _find_in(rule: Rule, text: str, timeout: float) -> list[tuple[int, int]]:
     if rule.kind == "words":
-        return [m.span() for m in _words_regex(rule.words or []).finditer(text)]
+        return regexes.spans(_words_regex(rule.words or []), text, timeout=timeout)
     if rule.kind == "regex":
-        return [m.span() for m in re.finditer(rule.pattern or "", text) if m.end() > m.start()]
+        return regexes.spans(rule.pattern or "", text, timeout=timeout, what="rule's regular expression")
+    if rule.kind == "email":
+        return regexes.spans(EMAIL_RE, text, timeout=timeout)
+    if rule.kind == "phone":
+        return _phone_spans(text, timeout)
+    if rule.kind == "card":
+        return _card_spans(text, timeout)
+    raise GuardrailError(f"unknown rule kind {rule.kind!r}")
+
+
+def find(rule: Rule, text: str, timeout: float = regexes.MATCH_SECONDS) -> list[tuple[int, int]]:
+    """Spans of text the rule matches (for max_length: the part beyond the limit), scanning windows of
+    MAX_SCAN_CHARS within `timeout` CPU seconds in all; regexes.RegexTooSlow when that is not enough."""
     if rule.kind == "max_length":
         return [(rule.max_length, len(text))] if len(text) > (rule.max_length or 0) else []
-    if rule.kind == "email":
-        return [m.span() for m in EMAIL_RE.finditer(text)]
-    if rule.kind == "phone":
-        return _phone_spans(text)
-    if rule.kind == "card":
-        return _card_spans(text)
-    raise GuardrailError(f"unknown rule kind {rule.kind!r}")
+    clock = regexes.Clock(timeout)
+    found: set[tuple[int, int]] = set()
+    for offset, piece in _windows(text):
+        left = clock.left()
+        if left <= 0:
+            raise regexes.RegexTooSlow(TIMED_OUT)
+        found.update((offset + start, offset + end) for start, end in _find_in(rule, piece, left))
+    return sorted(found)
 
 
 def _replace(text: str, spans: Sequence[tuple[int, int]], replacement: str, kind: str) -> str:
@@ -260,10 +290,19 @@ def check(rules: Iterable[Rule], text: str, direction: str, template_name: str |
     if direction not in ("input", "output"):
         raise GuardrailError(f"direction must be input or output, got {direction!r}")
     current, hits = text, []
+    clock = regexes.Clock(CHECK_SECONDS)
     for rule in sorted(rules, key=lambda r: r.id):
         if not rule.applies(direction, template_name):
             continue
-        spans = find(rule, current)
+        left = clock.left()
+        try:
+            if left <= 0:
+                raise regexes.RegexTooSlow(TIMED_OUT)
+            spans = find(rule, current, min(regexes.MATCH_SECONDS, left))
+        except regexes.RegexError:  # too slow (or a pattern saved before it was checked): counts as a hit
+            action = "block" if rule.action == "redact" else rule.action
+            hits.append(Hit(rule.id, rule.name, rule.kind, direction, action, 0, TIMED_OUT))
+            continue
         if not spans:
             continue
         hits.append(Hit(rule.id, rule.name, rule.kind, direction, rule.action, len(spans),
@@ -275,17 +314,17 @@ def check(rules: Iterable[Rule], text: str, direction: str, template_name: str |
 
 # ---- rules -------------------------------------------------------------------------------------------------------
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile a rule's regular expression; GuardrailError with the reason when it is broken or matches nothing."""
-    if not pattern or not pattern.strip():
+def compile_pattern(pattern: str) -> Any:
+    """Compile a rule's regular expression; GuardrailError with the reason when it is broken, matches nothing, or
+    backtracks too much on hostile texts (it would make every message wait for its timeout)."""
+    if not isinstance(pattern, str) or not pattern.strip():
         raise GuardrailError("a regex rule needs a pattern")
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise GuardrailError(f"the pattern is longer than {MAX_PATTERN_LENGTH} characters")
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        where = f" at position {exc.pos}" if exc.pos is not None else ""
-        raise GuardrailError(f"invalid regular expression {pattern!r}: {exc.msg}{where}") from None
+        compiled = regexes.check_pattern(pattern)
+    except regexes.RegexError as exc:
+        raise GuardrailError(str(exc)) from None
     if compiled.fullmatch(""):
         raise GuardrailError(f"the regular expression {pattern!r} matches empty text, so it would match everywhere")
     return compiled
@@ -319,6 +358,9 @@ def validate(name: str, kind: str, *, words: str | Sequence[str] | None = None, 
         parsed = _parse_words(words)
         if not parsed:
             raise GuardrailError("a words rule needs at least one word or phrase")
+        if sum(len(w) + 1 for w in parsed) > MAX_WORDS_CHARS:
+            raise GuardrailError(f"the words and phrases of a rule are longer than {MAX_WORDS_CHARS:,} characters "
+                                 f"together")
         values["words"] = parsed
     elif words:
         raise GuardrailError(f"words only apply to a words rule, not {kind}")

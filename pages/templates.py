@@ -4,6 +4,7 @@ core.templates; expected errors are shown as one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -85,6 +86,20 @@ def preview(pool, prefix: str, render, names: list[str], schema: dict | None) ->
     st.caption(f"{sum(len(m['content']) for m in rendered.messages):,} characters")
 
 
+def analyzed(prefix: str, content: Any) -> tpl.Analysis:
+    """The editor's live checks, compiled once per change of the content, not on every rerun: kept by content
+    hash in the session."""
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    key = f"{prefix}.analysis"
+    cached = st.session_state.get(key)
+    if isinstance(cached, tuple) and cached[0] == digest:
+        return cached[1]
+    analysis = tpl.analyze(content)
+    st.session_state[key] = (digest, analysis)
+    return analysis
+
+
 def editor(prefix: str, initial: tpl.TemplateVersion | None) -> dict[str, Any]:
     """Content, parameter and schema widgets with live variable detection and syntax errors; returns the values."""
     kinds = ("text", "chat")
@@ -105,7 +120,7 @@ def editor(prefix: str, initial: tpl.TemplateVersion | None) -> dict[str, Any]:
             role = left.selectbox("Role", tpl.ROLES, index=tpl.ROLES.index(m["role"]), key=f"{prefix}.role.{i}")
             text = right.text_area(f"Message {i + 1}", value=m["content"], key=f"{prefix}.content.{i}", height=110)
             content.append({"role": role, "content": text})
-    analysis = tpl.analyze(content)
+    analysis = analyzed(prefix, content)
     if analysis.error:
         st.error(analysis.error)
     st.caption("Variables: " + (", ".join(f"`{v}`" for v in analysis.variables) or "none"))

@@ -3,12 +3,16 @@
 `_Budget` counts the steps, time, call depth and output of one render; the sandbox's hooks reach it through a
 context variable. The estimates say what a value would weigh as text (`_weight`), and what `%`-formatting,
 `str.format`, `join`, `replace`, `translate`, `expandtabs` and `wordwrap` would produce, without building it; each
-refuses with `RenderLimitExceeded` past the limits. No database import: this is part of the sandbox.
+refuses with `RenderLimitExceeded` past the limits. Whole numbers are bounded too: no operand, argument or result may
+pass `max_int_bits`, and `int()` of text, `round()` and `sum()` are estimated before they run, because one
+arithmetic operation on a huge number is a single C call that holds the interpreter lock (no time limit can stop
+it). No database import: this is part of the sandbox.
 """
 
 from __future__ import annotations
 
 import contextvars
+import math
 import re
 import string
 import time
@@ -156,6 +160,73 @@ def _is_lazy(value: Any) -> bool:
     return isinstance(value, abc.Iterator) and not isinstance(value, (str, bytes))
 
 
+# -- Numbers: refused before they are built ------------------------------------------------------------------------
+
+
+def _too_big_number(budget: _Budget) -> RenderLimitExceeded:
+    return RenderLimitExceeded(f"number too large: whole numbers are limited to {budget.limits.max_int_bits:,} bits "
+                               f"(about {budget.limits.max_int_bits * 3 // 10:,} digits)")
+
+
+def _check_int(budget: _Budget, value: Any) -> None:
+    """Refuse a whole number wider than max_int_bits (operands, arguments and results alike)."""
+    if isinstance(value, int) and value.bit_length() > budget.limits.max_int_bits:
+        raise _too_big_number(budget)
+
+
+def _check_ints(budget: _Budget, values: Iterable[Any]) -> None:
+    for value in values:
+        _check_int(budget, value)
+
+
+def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
+    """Operands of an arithmetic operator, and for `*` and `**` the size of the result, against max_int_bits."""
+    _check_int(budget, left)
+    _check_int(budget, right)
+    max_bits = budget.limits.max_int_bits
+    ints = isinstance(left, int) and isinstance(right, int)
+    if operator == "*" and ints and left.bit_length() + right.bit_length() > max_bits:
+        raise _too_big_number(budget)
+    if operator == "**":
+        if ints and right > 0 and abs(left) > 1 and right * left.bit_length() > max_bits:
+            raise _too_big_number(budget)
+        numbers = isinstance(right, (int, float)) and isinstance(left, (int, float))
+        if numbers and abs(right) > 1e6 and abs(left) > 1:
+            raise _too_big_number(budget)
+
+
+def _estimate_int_text(budget: _Budget, text: Any, base: Any) -> None:
+    """`int(text, base)` (the `int` filter): a number of more than max_int_bits is refused before it is parsed (base 16
+    is parsed in linear time into any size, base 10 in quadratic time up to Python's digit limit)."""
+    if isinstance(text, (str, bytes, bytearray)):
+        radix = base if isinstance(base, int) and 2 <= base <= 36 else 36  # base 0: the prefix decides; the worst
+        if (len(text.strip()) - 1) * math.log2(radix) > budget.limits.max_int_bits:
+            raise _too_big_number(budget)
+
+
+MAX_ROUND_DIGITS = 400  # beyond a float's range: round() would only build a power of ten of that many digits
+
+
+def _check_round(budget: _Budget, precision: Any) -> None:
+    if isinstance(precision, int) and abs(precision) > MAX_ROUND_DIGITS:
+        raise RenderLimitExceeded(f"round: a precision of more than {MAX_ROUND_DIGITS} digits is not allowed")
+
+
+def _estimate_sum(budget: _Budget, items: Any, start: Any) -> None:
+    """`sum(items, start)` of lists, tuples or text copies the growing result once per item (quadratic work in one C
+    call): refuse it when that copying would pass max_value_chars."""
+    if isinstance(start, (int, float, bool)) or not isinstance(items, abc.Collection):
+        return
+    limit = budget.limits.max_value_chars
+    length = len(start) if isinstance(start, abc.Sized) else 0
+    work = 0
+    for item in items:
+        length += len(item) if isinstance(item, abc.Sized) else 1
+        work += length
+        if work > limit:
+            raise RenderLimitExceeded(f"sum: adding up these lists or texts would copy more than {limit:,} items")
+
+
 # -- Formatting: %-style and str.format estimated before they run -------------------------------------------------
 
 _FIELD_HEAD = re.compile(r"[^.\[]*")
@@ -298,7 +369,9 @@ def _check_args(budget: _Budget, args: Iterable[Any], kwargs: Mapping[str, Any])
 
 
 def _check_result(budget: _Budget, result: Any) -> None:
-    if isinstance(result, (str, bytes, bytearray)):
+    if isinstance(result, int):
+        _check_int(budget, result)
+    elif isinstance(result, (str, bytes, bytearray)):
         budget.check_size(len(result), "a value")
     elif isinstance(result, (list, tuple, dict, set, frozenset)):
         _check_built(budget, result)

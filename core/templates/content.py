@@ -2,7 +2,8 @@
 
 Text prompts and chat messages are normalised (`normalize_content`), compiled in the sandbox (syntax errors name
 the line and message), hashed canonically (`content_sha256`), and given with checked model parameters and input and
-output JSON Schemas (`_prepare`). Variables are found (`extract_variables`, `analyze` for editors), typed
+output JSON Schemas (`_prepare`; the regular expressions a schema holds are refused when they backtrack too much,
+and run with a time bound: `core.regexes`). Variables are found (`extract_variables`, `analyze` for editors), typed
 (`coerce_variables`), defaulted and validated against the schemas. Names, labels, tags and metadata text are
 checked here too. No database access.
 """
@@ -16,10 +17,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jsonschema
 
+from core import regexes
 from core.llm import GenerationParams
 
 from .errors import InvalidTemplateInput, TemplateSyntaxError
-from .sandbox import _compile, _compile_all, _syntax_message, _where
+from .sandbox import _Allowance, _compile, _compile_all, _syntax_message, _where
 from .types import LABEL_RE, NAME_RE, RESERVED_LABELS, ROLES, Analysis, Content, TemplateVersion
 
 
@@ -120,6 +122,10 @@ def _check_schema(schema: Any, which: str) -> dict[str, Any] | None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidTemplateInput(f"the {which} schema is not a valid JSON Schema: {exc.message}") from None
+    try:
+        regexes.check_schema_patterns(schema, f"{which} schema")
+    except regexes.RegexError as exc:
+        raise InvalidTemplateInput(str(exc)) from None
     return schema
 
 
@@ -167,11 +173,12 @@ def analyze(content: Content) -> Analysis:
         sources = [(str(m.get("role", "")), m.get("content")) for m in content or () if isinstance(m, Mapping)]
     variables: set[str] = set()
     includes: list[str] = []
+    allowance = _Allowance()  # the size limits are for every message together
     for i, (role, source) in enumerate(sources):
         if not isinstance(source, str) or not source.strip():
             continue
         try:
-            compiled = _compile(source)
+            compiled = _compile(source, allowance=allowance)
         except TemplateSyntaxError as exc:
             message = _syntax_message(exc.detail, exc.lineno, _where(kind, i, role))
             return Analysis(sorted(variables), includes, message, exc.lineno, i if kind == "chat" else None)
@@ -205,8 +212,7 @@ def validate_variables(schema: Mapping[str, Any] | None, variables: Mapping[str,
     """Every way variables break the input JSON Schema (empty when they fit or there is no schema)."""
     if not schema:
         return []
-    validator_cls = jsonschema.validators.validator_for(schema)
-    errors = sorted(validator_cls(schema).iter_errors(dict(variables)),
+    errors = sorted(regexes.schema_validator(schema).iter_errors(dict(variables)),
                     key=lambda e: ([str(p) for p in e.path], e.message))
     return [f"{'.'.join(map(str, e.path))}: {e.message}" if e.path else e.message for e in errors]
 
@@ -221,8 +227,8 @@ def validate_output(template_version: TemplateVersion, output: str | Any) -> lis
             output = json.loads(output)
         except json.JSONDecodeError as exc:
             return [f"output is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
-    validator_cls = jsonschema.validators.validator_for(schema)
-    errors = sorted(validator_cls(schema).iter_errors(output), key=lambda e: ([str(p) for p in e.path], e.message))
+    errors = sorted(regexes.schema_validator(schema).iter_errors(output),
+                    key=lambda e: ([str(p) for p in e.path], e.message))
     return [f"{'.'.join(map(str, e.path))}: {e.message}" if e.path else e.message for e in errors]
 
 

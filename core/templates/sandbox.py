@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import math
+import re
+import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, abc
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -29,18 +32,25 @@ from .budget import (
     _Budget,
     _budget,
     _check_args,
+    _check_binop,
     _check_built,
+    _check_int,
+    _check_ints,
     _check_result,
+    _check_round,
     _check_text,
     _estimate_brace,
     _estimate_expandtabs,
+    _estimate_int_text,
     _estimate_join,
     _estimate_percent,
     _estimate_replace,
+    _estimate_sum,
     _estimate_translate,
     _estimate_wordwrap,
     _is_lazy,
     _materialize,
+    _too_big_number,
     _too_big_value,
     _weight,
 )
@@ -53,7 +63,7 @@ from .errors import (
     TemplateError,
     TemplateSyntaxError,
 )
-from .types import MAX_SOURCE_CHARS, REF_RE
+from .types import DEFAULT_LIMITS, MAX_SOURCE_CHARS, REF_RE
 
 _INCLUDES: contextvars.ContextVar[dict[str, "_Compiled"] | None] = contextvars.ContextVar(
     "promptdev_template_includes", default=None)
@@ -72,7 +82,7 @@ class _CollectingUndefined(jinja2.Undefined):
         if self._undefined_obj is jinja2.utils.missing and self._undefined_name is not None:
             budget.missing.add(str(self._undefined_name))
         else:
-            problem = self._undefined_message
+            problem = _plain(self._undefined_message)
             if problem not in budget.problems:
                 budget.problems.append(problem)
 
@@ -150,6 +160,19 @@ def _guard_filter(name: str, func: Any) -> Any:
             args = (*args[:skip - 1], _materialize(budget, args[skip - 1]), *args[skip:])
         value = args[skip - 1] if len(args) >= skip else None
         rest = args[skip:]
+        _check_ints(budget, args[skip - 1:])
+        _check_ints(budget, kwargs.values())
+        if name == "int":
+            _estimate_int_text(budget, value, rest[1] if len(rest) > 1 else kwargs.get("base", 10))
+        elif name == "round":
+            _check_round(budget, rest[0] if rest else kwargs.get("precision", 0))
+        elif name == "sum" and skip == 2:
+            attribute = rest[0] if rest else kwargs.get("attribute")
+            items = value
+            if attribute is not None and isinstance(value, abc.Collection):
+                getter = jinja2.filters.make_attrgetter(args[0], attribute)
+                items = [getter(item) for item in value]
+            _estimate_sum(budget, items, rest[1] if len(rest) > 1 else kwargs.get("start", 0))
         if name in _SIZING_FILTERS:
             _check_args(budget, rest, kwargs)
         if name in _TEXT_FILTERS:
@@ -168,9 +191,29 @@ def _guard_filter(name: str, func: Any) -> Any:
             _estimate_wordwrap(budget, value, rest[0] if rest else kwargs.get("width", 79),
                                rest[1] if len(rest) > 1 else kwargs.get("break_long_words", True),
                                rest[2] if len(rest) > 2 else kwargs.get("wrapstring"))
-        result = func(*args, **kwargs)
+        try:
+            result = func(*args, **kwargs)
+        except OverflowError:  # float() of a big whole number, a float that became infinite
+            raise _too_big_number(budget) from None
         _check_result(budget, result)
         return result
+
+    return guarded
+
+
+def _guard_test(func: Any) -> Any:
+    """A test (`is divisibleby`, `is odd`, `is eq` …) counts as a step and takes no number wider than max_int_bits."""
+
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        _check_ints(budget, args)
+        _check_ints(budget, kwargs.values())
+        try:
+            return func(*args, **kwargs)
+        except OverflowError:
+            raise _too_big_number(budget) from None
 
     return guarded
 
@@ -253,6 +296,7 @@ class _Transformer(NodeTransformer):
 def _capped_range(*args: Any) -> range:
     budget = _budget()
     budget.step()
+    _check_ints(budget, args)
     try:
         rng = range(*args)
         size = len(rng)
@@ -271,6 +315,7 @@ def _finalize(value: Any) -> Any:
     """Every `{{ … }}` value passes here before it becomes text: refuse one whose text would pass the limit."""
     budget = _budget()
     if not isinstance(value, str):
+        _check_int(budget, value)
         limit = budget.limits.max_output_chars
         if _weight(budget, value, limit) > limit:
             raise RenderLimitExceeded(f"the rendered prompt is longer than {limit:,} characters")
@@ -280,10 +325,31 @@ def _finalize(value: Any) -> Any:
 _STR_SIZING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 
 
+def _describe(obj: Any) -> str:
+    """A callable named for a person: its name, never its repr (no addresses, no internals)."""
+    name = getattr(obj, "__name__", None)
+    return repr(name) if isinstance(name, str) and len(name) < 80 else f"a {type(obj).__name__!r} object"
+
+
+def _check_number_method(budget: _Budget, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Methods of numbers that build something sized by an argument: `to_bytes(length)` and `from_bytes(data)`."""
+    if method == "to_bytes":
+        length = args[0] if args else kwargs.get("length", 1)
+        if isinstance(length, int):
+            budget.check_size(length, "to_bytes: bytes")
+    elif method == "from_bytes":
+        data = args[0] if args else kwargs.get("bytes")
+        if isinstance(data, abc.Sized) and len(data) * 8 > budget.limits.max_int_bits:
+            raise _too_big_number(budget)
+
+
 class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     """ImmutableSandboxedEnvironment with budgets: capped ranges, sizes, steps, time and call depth."""
 
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    # Every arithmetic operator and unary sign: each is one step and takes no number wider than max_int_bits (and
+    # none is folded into a constant at compile time).
+    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
+    intercepted_unops = frozenset({"+", "-"})
 
     def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
         """Joins the text of macros, blocks, `{% set %}…{% endset %}`, call and filter blocks: bounded."""
@@ -302,8 +368,7 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         budget = _budget()
         budget.step()
-        ints = isinstance(left, int) and isinstance(right, int)
-        max_bits = budget.limits.max_int_bits
+        _check_binop(budget, operator, left, right)
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple, bytes)) and isinstance(n, int) and not isinstance(n, bool):
@@ -311,14 +376,6 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
                     limit = budget.limits.max_value_chars
                     if isinstance(seq, (list, tuple)) and n > 1 and _weight(budget, seq, limit) * n > limit:
                         raise _too_big_value(limit)
-            if ints and left.bit_length() + right.bit_length() > max_bits:
-                raise RenderLimitExceeded("number too large")
-        elif operator == "**":
-            if ints and right > 0 and abs(left) > 1 and right * left.bit_length() > max_bits:
-                raise RenderLimitExceeded("number too large")
-            numbers = isinstance(right, (int, float)) and isinstance(left, (int, float))
-            if numbers and abs(right) > 1e6 and abs(left) > 1:
-                raise RenderLimitExceeded("number too large")
         elif operator == "+":
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 budget.check_size(len(left) + len(right), "joined text")
@@ -327,19 +384,32 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
         try:
             result = super().call_binop(context, operator, left, right)
         except OverflowError:
-            raise RenderLimitExceeded("number too large") from None
+            raise _too_big_number(budget) from None
+        _check_int(budget, result)  # a sum or difference may be one bit wider than its operands
         if operator in ("+", "*") and isinstance(result, (list, tuple)):
             _check_built(budget, result)
         return result
+
+    def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        _check_int(budget, arg)
+        return super().call_unop(context, operator, arg)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         if getattr(__obj, "__self__", None) is _GUARDS:  # the hooks compiled in by _Transformer count themselves
             return __obj(*args)
         budget = _budget()
         budget.step()
+        _check_ints(budget, args)
+        _check_ints(budget, kwargs.values())
+        if not __self.is_safe_callable(__obj):
+            raise SecurityError(f"calling {_describe(__obj)} is not allowed")
         if not isinstance(__obj, (Macro, LoopContext)):
             target = getattr(__obj, "__wrapped__", __obj)
             owner = getattr(target, "__self__", None)
+            if owner is int or isinstance(owner, (int, float)):
+                _check_number_method(budget, getattr(target, "__name__", ""), args, kwargs)
             if isinstance(owner, (str, bytes, bytearray)):
                 method = getattr(target, "__name__", "")
                 if method in _STR_SIZING_METHODS:
@@ -359,7 +429,10 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
                         _estimate_brace(budget, owner, args, kwargs)
                     elif args and isinstance(args[0], Mapping):
                         _estimate_brace(budget, owner, (), args[0])
-            result = super().call(__context, __obj, *args, **kwargs)
+            try:
+                result = super().call(__context, __obj, *args, **kwargs)
+            except OverflowError:
+                raise _too_big_number(budget) from None
             _check_result(budget, result)
             return result
         budget.depth += 1
@@ -392,6 +465,7 @@ _ENV.globals.clear()
 _ENV.globals.update(range=_capped_range, dict=_dict, namespace=jinja2.utils.Namespace, cycler=jinja2.utils.Cycler,
                     joiner=jinja2.utils.Joiner)
 _ENV.filters = {name: _guard_filter(name, f) for name, f in _ENV.filters.items()}
+_ENV.tests = {name: _guard_test(f) for name, f in _ENV.tests.items()}
 _GUARDS = _ENV.extensions[_GUARDS_ID]
 GLOBAL_NAMES = frozenset(_ENV.globals)
 
@@ -406,11 +480,64 @@ class _Compiled:
     variables: frozenset[str]  # undeclared names, globals excluded
     stored: frozenset[str]  # names the template assigns (set, for, macro, import)
     guarded: frozenset[str]  # names tested with `is defined` / `is undefined` or given a `default`
+    tokens: int = 0  # what compiling it cost, spent again from an allowance when it is served from the cache
+    nodes: int = 0
+    code_chars: int = 0
 
 
+# What one template version (every message together) may cost to compile. Parsing and generating code are Python
+# (other threads keep running), but Python's compile() of the generated module is one C call that holds the
+# interpreter lock for about 1 µs per character of generated code: MAX_CODE_CHARS keeps that under ~0.25 s.
+MAX_TOKENS = 20_000  # names, operators, literals and delimiters, counted by the lexer before anything is parsed
+MAX_NODES = 5_000  # syntax tree nodes, counted after parsing, before code is generated
+MAX_DEPTH = 200  # nesting of the syntax tree
+MAX_CODE_CHARS = 200_000  # generated Python source, measured before Python compiles it
+
+# The cache of compiled sources, sized by an estimate of the memory each entry holds (its source, and about three
+# bytes per character of generated code for the code objects), not by a count of entries.
+CACHE_BYTES = 64 * 1024 * 1024
+_CACHE_ENTRIES = 4096
 _cache_lock = threading.Lock()
-_cache: OrderedDict[str, _Compiled] = OrderedDict()
-_CACHE_SIZE = 4096
+_cache: OrderedDict[str, tuple[_Compiled | TemplateSyntaxError, int]] = OrderedDict()
+_cache_used = 0
+
+
+class _Allowance:
+    """What is left to spend compiling one version: the limits are for all its messages together."""
+
+    __slots__ = ("chars", "tokens", "nodes", "code_chars")
+
+    def __init__(self) -> None:
+        self.chars, self.tokens, self.nodes, self.code_chars = MAX_SOURCE_CHARS, MAX_TOKENS, MAX_NODES, MAX_CODE_CHARS
+
+    def spend_chars(self, n: int) -> None:
+        self.chars -= n
+        if self.chars < 0:
+            raise _too_large(f"the template is longer than {MAX_SOURCE_CHARS:,} characters")
+
+    def spend_tokens(self, n: int) -> None:
+        self.tokens -= n
+        if self.tokens < 0:
+            raise _too_large(f"the template has more than {MAX_TOKENS:,} tokens (names, operators, literals and "
+                             f"delimiters); make it smaller or include parts of it by reference")
+
+    def spend_nodes(self, n: int) -> None:
+        self.nodes -= n
+        if self.nodes < 0:
+            raise _too_large(f"the template has more than {MAX_NODES:,} expressions, tags and text pieces; make it "
+                             f"smaller or include parts of it by reference")
+
+    def spend_code(self, n: int) -> None:
+        self.code_chars -= n
+        if self.code_chars < 0:
+            raise _too_large("the template is too big to compile (it has too many expressions and tags); make it "
+                             "smaller or include parts of it by reference")
+
+    def spend(self, compiled: _Compiled, source: str) -> None:
+        self.spend_chars(len(source))
+        self.spend_tokens(compiled.tokens)
+        self.spend_nodes(compiled.nodes)
+        self.spend_code(compiled.code_chars)
 
 
 def _syntax_message(detail: str, lineno: int | None, where: str = "") -> str:
@@ -422,51 +549,121 @@ def _syntax_error(detail: str, lineno: int | None) -> TemplateSyntaxError:
     return TemplateSyntaxError(_syntax_message(detail, lineno), lineno=lineno, detail=detail)
 
 
-def _compile(source: str, name: str = "<prompt>") -> _Compiled:
-    """Parse, check and compile source (cached by source); raise TemplateSyntaxError with the line number."""
-    key = source
+class _TooLarge(Exception):
+    """A source over what is left of an allowance; becomes a TemplateSyntaxError, and is not cached (it depends on
+    what else the version holds)."""
+
+
+def _too_large(detail: str) -> _TooLarge:
+    return _TooLarge(detail)
+
+
+def _cache_get(source: str) -> _Compiled | TemplateSyntaxError | None:
     with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    if len(source) > MAX_SOURCE_CHARS:
-        raise _syntax_error(f"template source is longer than {MAX_SOURCE_CHARS:,} characters", None)
+        hit = _cache.get(source)
+        if hit is None:
+            return None
+        _cache.move_to_end(source)
+        return hit[0]
+
+
+def _cache_put(source: str, value: _Compiled | TemplateSyntaxError) -> None:
+    global _cache_used
+    code_chars = value.code_chars if isinstance(value, _Compiled) else 0
+    weight = sys.getsizeof(source) + 3 * code_chars + 1024
+    if weight > CACHE_BYTES // 4:
+        return
+    with _cache_lock:
+        old = _cache.pop(source, None)
+        if old is not None:
+            _cache_used -= old[1]
+        _cache[source] = (value, weight)
+        _cache_used += weight
+        while _cache and (_cache_used > CACHE_BYTES or len(_cache) > _CACHE_ENTRIES):
+            _cache_used -= _cache.popitem(last=False)[1][1]
+
+
+def _compile(source: str, name: str = "<prompt>", allowance: _Allowance | None = None) -> _Compiled:
+    """Parse, check and compile source (cached by source); raise TemplateSyntaxError with the line number, also when
+    the source would cost more than what is left of `allowance` (the limits above, for a lone source)."""
+    allowance = allowance if allowance is not None else _Allowance()
+    hit = _cache_get(source)
+    if isinstance(hit, TemplateSyntaxError):
+        raise TemplateSyntaxError(str(hit), lineno=hit.lineno, detail=hit.detail)
     try:
-        compiled = _build(source, name)
-    except TemplateSyntaxError:
-        raise
-    except (RecursionError, MemoryError):  # the parser and Python's compiler recurse on nesting
-        raise _syntax_error("the template is nested too deeply", None) from None
-    except SyntaxError as exc:  # Python's limits on nested blocks (e.g. 20 nested loops)
-        detail = str(exc.msg or exc)
-        if "nested" in detail or "indentation" in detail:
-            raise _syntax_error("the template is nested too deeply", None) from None
-        raise _syntax_error(f"the template cannot be compiled: {detail}", None) from None
+        if hit is not None:
+            allowance.spend(hit, source)
+            return hit
+        allowance.spend_chars(len(source))
+    except _TooLarge as exc:
+        raise _syntax_error(str(exc), None) from None
+    try:
+        compiled = _build(source, name, allowance)
+    except _TooLarge as exc:
+        raise _syntax_error(str(exc), None) from None
     except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "integer string conversion" in detail:
-            detail = "a number in it is too long"
-        raise _syntax_error(f"the template cannot be compiled: {detail}", None) from None
-    with _cache_lock:
-        _cache[key] = compiled
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+        error = _compile_error(exc)
+        _cache_put(source, error)  # a broken source is not parsed again on every render or rerun
+        raise error from None
+    _cache_put(source, compiled)
     return compiled
 
 
-def _build(source: str, name: str) -> _Compiled:
-    """Parse, analyse and compile source (no caching); jinja2 syntax errors become TemplateSyntaxError."""
+def _compile_error(exc: Exception) -> TemplateSyntaxError:
+    """What went wrong compiling, as one line."""
+    if isinstance(exc, TemplateSyntaxError):
+        return exc
+    if isinstance(exc, (RecursionError, MemoryError)):  # the parser and Python's compiler recurse on nesting
+        return _syntax_error("the template is nested too deeply", None)
+    if isinstance(exc, SyntaxError):  # Python's limits on nested blocks (e.g. 20 nested loops)
+        detail = str(exc.msg or exc)
+        if "nested" in detail or "indentation" in detail:
+            return _syntax_error("the template is nested too deeply", None)
+        return _syntax_error(f"the template cannot be compiled: {detail}", None)
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "integer string conversion" in detail:
+        detail = "a number in it is too long"
+    return _syntax_error(f"the template cannot be compiled: {detail}", None)
+
+
+def _walk(ast: nodes.Node) -> tuple[list[nodes.Node], int]:
+    """Every node of a syntax tree (without recursion, which a deep tree would exhaust) and the tree's depth."""
+    found: list[nodes.Node] = []
+    stack = [(ast, 1)]
+    depth = 0
+    while stack:
+        node, level = stack.pop()
+        found.append(node)
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in node.iter_child_nodes())
+    return found, depth
+
+
+def _build(source: str, name: str, allowance: _Allowance) -> _Compiled:
+    """Parse, analyse and compile source (no caching); jinja2 syntax errors become TemplateSyntaxError; a source that
+    would cost more than the allowance is refused (_TooLarge) before the costly step it would overrun."""
     try:
+        meaningful = (token for token in _ENV.lex(source, name=name) if token[1] != "whitespace")
+        tokens = sum(1 for _ in itertools.islice(meaningful, allowance.tokens + 1))
+        allowance.spend_tokens(tokens)
         ast = _ENV.parse(source, name=name)
     except jinja2.TemplateSyntaxError as exc:
         raise _syntax_error(exc.message or "invalid template", exc.lineno) from None
-    for node in ast.find_all(nodes.Const):
-        if isinstance(node.value, float) and not math.isfinite(node.value):
+    every, depth = _walk(ast)
+    if depth > MAX_DEPTH:
+        raise _syntax_error("the template is nested too deeply", None)
+    allowance.spend_nodes(len(every))
+    max_bits = DEFAULT_LIMITS.max_int_bits
+    for node in every:
+        if isinstance(node, nodes.Const) and (
+                (isinstance(node.value, float) and not math.isfinite(node.value))
+                or (isinstance(node.value, int) and node.value.bit_length() > max_bits)):
             raise _syntax_error("a number in the template is too large", node.lineno)
     includes: list[str] = []
     optional: set[str] = set()
-    for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+    for node in every:
+        if not isinstance(node, (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+            continue
         target = node.template
         if not (isinstance(target, nodes.Const) and isinstance(target.value, str)):
             raise _syntax_error('templates are included by a literal name such as {% include "other@production" %}',
@@ -499,12 +696,13 @@ def _build(source: str, name: str) -> _Compiled:
         variables = meta.find_undeclared_variables(ast) - GLOBAL_NAMES
         _Transformer().visit(ast)
         ast.set_environment(_ENV)
-        code = _ENV.compile(ast, name=name, filename=name)
+        code = _ENV.compile(ast, name=name, filename=name, raw=True)
     except jinja2.TemplateSyntaxError as exc:
         raise _syntax_error(exc.message or "invalid template", exc.lineno) from None
-    template = _ENV.template_class.from_code(_ENV, code, _ENV.make_globals(None))
+    allowance.spend_code(len(code))
+    template = _ENV.template_class.from_code(_ENV, compile(code, name, "exec"), _ENV.make_globals(None))
     return _Compiled(template, tuple(includes), frozenset(optional), frozenset(variables), frozenset(stored),
-                     frozenset(guarded))
+                     frozenset(guarded), tokens, len(every), len(code))
 
 
 def _sources(kind: str, messages: Sequence[Mapping[str, str]] | None, text: str | None) -> list[tuple[str, str]]:
@@ -518,16 +716,31 @@ def _where(kind: str, index: int, role: str) -> str:
 
 
 def _compile_all(kind: str, messages: Any, text: Any, name: str) -> list[tuple[str, _Compiled]]:
+    """Every message of a version compiled, under one allowance for them all."""
     compiled = []
+    allowance = _Allowance()
     for i, (role, source) in enumerate(_sources(kind, messages, text)):
         try:
-            compiled.append((role, _compile(source, name)))
+            compiled.append((role, _compile(source, name, allowance)))
         except TemplateSyntaxError as exc:
             where = _where(kind, i, role)
             raise TemplateSyntaxError(_syntax_message(exc.detail, exc.lineno, where), lineno=exc.lineno,
                                       message_index=i if kind == "chat" else None, role=role,
                                       detail=exc.detail) from None
     return compiled
+
+
+_REPR = re.compile(r"<[^<>]{0,300}?(?: object| at 0x[0-9a-fA-F]+|built-in |function |method |class |module )"
+                   r"[^<>]{0,300}>")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+MAX_MESSAGE_CHARS = 300
+
+
+def _plain(message: str) -> str:
+    """An error's first line for a person: Python object reprs and memory addresses replaced, length bounded."""
+    lines = message.strip().splitlines()
+    line = _ADDRESS.sub("", _REPR.sub("<object>", lines[0] if lines else ""))
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[:MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def _template_line(tb: Any, filename: str) -> int | None:
@@ -558,15 +771,17 @@ def _run(compiled: _Compiled, variables: Mapping[str, Any], budget: _Budget, whe
             exc.args = (prefix + str(exc),)
             raise
         if isinstance(exc, SecurityError):
-            raise SandboxViolation(f"{prefix}blocked by the sandbox: {exc}") from None
+            raise SandboxViolation(f"{prefix}blocked by the sandbox: {_plain(str(exc))}") from None
         if isinstance(exc, RecursionError):
             raise RenderLimitExceeded(f"{prefix}recursion too deep") from None
         if isinstance(exc, MemoryError):
             raise RenderLimitExceeded(f"{prefix}out of memory") from None
+        if isinstance(exc, OverflowError) or (isinstance(exc, ValueError) and "integer string conversion" in str(exc)):
+            raise RenderLimitExceeded(f"{prefix}number too large") from None
         if isinstance(exc, jinja2.TemplateNotFound):
-            raise IncludeError(f"{prefix}template {exc.name!r} could not be included") from None
+            raise IncludeError(f"{prefix}template {_plain(str(exc.name))} could not be included") from None
         message = exc.message if isinstance(exc, jinja2.TemplateError) else f"{type(exc).__name__}: {exc}"
-        raise RenderError(f"{prefix}{str(message).splitlines()[0] if message else type(exc).__name__}") from None
+        raise RenderError(f"{prefix}{_plain(str(message)) if message else type(exc).__name__}") from None
     return "".join(out)
 
 

@@ -18,7 +18,7 @@ STANDARD_LABELS = ("production", "staging")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 LABEL_RE = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
 REF_RE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,99})(?:@(?P<selector>[a-z0-9][a-z0-9._-]{0,62}))?$")
-MAX_SOURCE_CHARS = 500_000
+MAX_SOURCE_CHARS = 100_000  # one version, every message together
 
 
 @dataclass(frozen=True)
