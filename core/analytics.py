@@ -30,6 +30,7 @@ from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from core import exports
+from core.config import ensure_private_dir
 from core.errors import Forbidden, InvalidInput, NotFound, RateLimited, TooLarge, Unavailable
 
 BUCKETS = {"hour": "date_trunc('hour', created_at)", "day": "CAST(day AS TIMESTAMP)",
@@ -263,7 +264,7 @@ def _usable_root(exports_dir: Path) -> Path:
     cannot be (a file stands in the way, the disk is read-only, …)."""
     root = Path(exports_dir).resolve()
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(root, levels=2)  # exports and the data directory: 0700 when created
     except OSError as exc:
         raise ExportsUnreadable(f"cannot use the exports directory {exports_dir}: "
                                 f"{exc.strerror or _first_line(exc)}") from exc

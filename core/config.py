@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 import urllib.parse
 from dataclasses import Field, dataclass, field, fields, replace
@@ -227,6 +228,60 @@ def _check_database_url(url: str) -> None:
     except psycopg.ProgrammingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "unparseable"
         raise SettingsError(f"PROMPTDEV_DATABASE_URL: not a valid connection string: {first}") from None
+
+
+# ---------------------------------------------------------------------------------------------- private files
+# What the workbench writes (the database, exports of the ledger, models) is for this user only: directories it
+# creates are 0700, files that hold data 0600. Directories that exist already, the data directory's parents above
+# all, are never changed.
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def ensure_private_dir(path: str | Path, *, levels: int = 1) -> Path:
+    """Create a directory only this user can use: `path` and the `levels - 1` directories above it (levels=2 for a
+    subdirectory of the data directory: the data directory too) are created with mode 0700 when missing; missing
+    directories above those are created with the default mode. No existing directory is changed (no chmod)."""
+    path = Path(path)
+    private = [path, *path.parents][:max(1, levels)]
+    outer = private[-1].parent
+    if not outer.is_dir():
+        outer.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(private):
+        try:
+            directory.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                if directory != path:
+                    path.mkdir()  # the error the OS gives for the path itself: a parent is not a directory
+                raise
+        else:
+            os.chmod(directory, PRIVATE_DIR_MODE)  # exactly 0700, whatever the umask
+    return path
+
+
+def create_private_file(path: str | Path) -> Path:
+    """Create (or empty) a file only this user can read and write (0600), for a writer that keeps an existing
+    file's mode (pyarrow's ParquetWriter, open(..., "w")) to fill: the data is never readable by others."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # an existing file, or a umask that took more
+    finally:
+        os.close(fd)
+    return Path(path)
+
+
+def grant_traverse(path: str | Path) -> None:
+    """Let another user reach `path` through its parents, and nothing more: each parent that its group or others
+    cannot search gets the search bits (g+x, o+x); none gets read (listing) or write, and a parent both can search
+    already is left alone. Root starts the embedded PostgreSQL as its own user (keeping root's group, so the group
+    bits apply to it where root's group owns a directory), which must reach the data directory."""
+    search = stat.S_IXGRP | stat.S_IXOTH
+    for parent in Path(path).parents:
+        mode = parent.stat().st_mode
+        if mode & search != search:
+            os.chmod(parent, stat.S_IMODE(mode) | search)
 
 
 def default_model_path(settings: Settings) -> Path:

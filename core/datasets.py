@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool
 from core import evaluators, executions, untrusted
 from core.db import jsonb
 from core.errors import Conflict, InvalidInput, NotFound
+from core.text import csv_row, csv_unescape
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 FORMATS = ("csv", "jsonl")
@@ -832,7 +833,7 @@ def _csv_rows(text: str, delimiter: str) -> tuple[list[str], Iterable[tuple[int,
         raise DatasetError("the file is empty: it needs a header row naming the columns") from None
     except csv.Error as exc:
         raise DatasetError(f"line 1: the header is not valid CSV: {exc}") from None
-    header = [h.strip() for h in header]
+    header = [csv_unescape(h.strip()).strip() for h in header]  # a quoted formula (our own export) reads back as is
     if not any(header):
         raise DatasetError("line 1: the header row is empty")
     for i, name in enumerate(header, start=1):
@@ -856,7 +857,7 @@ def _csv_rows(text: str, delimiter: str) -> tuple[list[str], Iterable[tuple[int,
                 continue
             if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
                 continue  # a blank line
-            yield line, row
+            yield line, [csv_unescape(cell) for cell in row]
 
     return header, rows()
 
@@ -1063,7 +1064,9 @@ def _cell(value: Any) -> str:
 
 def export_items(pool: ConnectionPool, dataset_name: str, fmt: str, *, tag: str | None = None) -> bytes:
     """A dataset's current items as CSV (a column per variable, then expected, tags, metadata) or JSONL
-    ({"input", "expected", "tags", "metadata"} per line); both import back unchanged (CSV values as text)."""
+    ({"input", "expected", "tags", "metadata"} per line); both import back unchanged (CSV values as text). A CSV
+    cell or name a spreadsheet would evaluate as a formula (starting with = + - @, tab or CR) starts with a `'`
+    (core.text.csv_cell), which the import removes again."""
     if fmt not in FORMATS:
         raise DatasetError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     items = list_items(pool, dataset_name, tag=tag)
@@ -1085,12 +1088,14 @@ def export_items(pool: ConnectionPool, dataset_name: str, fmt: str, *, tag: str 
     if clashes:
         raise DatasetError(f"variable(s) {', '.join(map(repr, clashes))} would read back as another column; "
                            f"export as JSONL instead")
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*variables, "expected", "tags", "metadata"])
+    # CRLF rows (RFC 4180): the csv module quotes a cell holding any line-ending character, so a lone CR in a value
+    # cannot start a new row (whose first cell could be a formula).
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(csv_row([*variables, "expected", "tags", "metadata"]))
     for item in items:
-        writer.writerow([_cell(item.input[v]) if v in item.input else "" for v in variables]
-                        + [item.expected if item.expected is not None else "", ",".join(item.tags),
-                           json.dumps(item.metadata, ensure_ascii=False) if item.metadata else ""])
+        writer.writerow(csv_row([_cell(item.input[v]) if v in item.input else "" for v in variables]
+                                + [item.expected if item.expected is not None else "", ",".join(item.tags),
+                                   json.dumps(item.metadata, ensure_ascii=False) if item.metadata else ""]))
     return out.getvalue().encode("utf-8")
 
 

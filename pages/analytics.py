@@ -11,7 +11,9 @@ import streamlit as st
 
 from core import analytics, exports
 from core.analytics import Analytics, Filters
+from core.text import frame_to_csv
 from pages import glue, widgets
+from pages.widgets import code_span, md
 
 ALL = "All"
 TABS = ("Overview", "Latency", "Versions", "Cost", "Guardrails", "Evaluations", "Anomalies", "SQL")
@@ -62,8 +64,9 @@ def nothing(frame: pd.DataFrame, message: str) -> bool:
 
 
 def download(frame: pd.DataFrame, name: str) -> None:
-    """A button that downloads the data behind a chart or table as CSV."""
-    st.download_button(f"Download {name}.csv", frame.to_csv(index=False).encode(), file_name=f"{name}.csv",
+    """A button that downloads the data behind a chart or table as CSV (cells a spreadsheet would evaluate as a
+    formula are quoted)."""
+    st.download_button(f"Download {name}.csv", frame_to_csv(frame), file_name=f"{name}.csv",
                        mime="text/csv", key=f"analytics.download.{name}")
 
 
@@ -174,13 +177,13 @@ def versions_tab(board: Analytics, f: Filters) -> None:
     label = st.text_input("Label", value="production", key="analytics.versions.label",
                           help="Compare the versions that served under this label, in the order they did")
     cmp = board.version_comparison(f, label=label.strip() or "production")
-    if nothing(cmp, f"No executions under the label '{label}' in this range."):
+    if nothing(cmp, md("No executions under the label {!r} in this range.", label)):
         return
     single = sorted(n for n, c in cmp.groupby("template_name")["template_version"].count().items()
                     if c == 1)
     if single:
-        st.caption(f"Only one version served under '{label}' in this range for "
-                   f"{', '.join(single)}: nothing to compare it with yet.")
+        st.caption(md("Only one version served under {!r} in this range for {}: nothing to compare it with yet.",
+                      label, ", ".join(single)))
     cmp["version"] = "v" + cmp["template_version"].astype(str)
     measures = {"avg_prompt_tokens": "prompt tokens (mean)",
                 "avg_completion_tokens": "completion tokens (mean)",
@@ -358,7 +361,7 @@ head.caption(f"{ex.rows_exported:,} executions exported"
              + (f" · last export {ex.exported_at:%Y-%m-%d %H:%M:%S %Z}" if ex.exported_at else "")
              + (f" · {ex.pending:,} waiting to be final" if ex.pending else "")
              + (f" · this session: {st.session_state[KEY_LAST_EXPORT]}" if KEY_LAST_EXPORT in st.session_state else "")
-             + f" · `{settings.exports_dir}`")
+             + f" · {code_span(settings.exports_dir)}")
 
 with glue.reported(stop=True):
     board = Analytics(settings.exports_dir)

@@ -11,6 +11,7 @@ import streamlit as st
 
 from core import conversations
 from pages import glue
+from pages.widgets import md, safe_md, write_stream_text
 
 # Widget / session-state keys.
 KEY_USER_ID = "chat.user_id"
@@ -44,9 +45,9 @@ def show_message(message: conversations.Message) -> None:
     """One stored message as a chat bubble."""
     with st.chat_message(AVATARS.get(message.role, "assistant")):
         if message.kind in NOTICE_KINDS:
-            st.markdown(f"{NOTICE_KINDS[message.kind]} {message.content}")
+            st.markdown(f"{NOTICE_KINDS[message.kind]} {safe_md(message.content)}")
         elif message.content:
-            st.markdown(message.content)
+            st.markdown(safe_md(message.content))
         if message.status == "cancelled":
             st.caption("(stopped)")
 
@@ -54,7 +55,7 @@ def show_message(message: conversations.Message) -> None:
 with glue.reported():
     history = conversations.list_messages(pool, user_id, limit=HISTORY_SHOWN, visible_to_user=True)
     if not history:
-        st.caption(f"Hi {user_id} — say something to start a conversation.")
+        st.caption(md("Hi {} — say something to start a conversation.", user_id))
     elif len(history) == HISTORY_SHOWN:
         st.caption(f"Showing the latest {HISTORY_SHOWN} messages.")
     for message in history:
@@ -68,10 +69,10 @@ if text:
         stream = conversations.stream_message(pool, backend, settings, user_id, text)  # stores the message
     if stream is not None:
         with st.chat_message("user"):
-            st.markdown(stream.text)  # as stored: after any redaction
+            st.markdown(safe_md(stream.text))  # as stored: after any redaction
         with st.chat_message("assistant"), glue.reported():
             with stream:  # leaving early (the user navigates away) stops the model and stores what was produced
-                st.write_stream(stream)
+                write_stream_text(stream)
             reply = stream.reply
             if reply is not None and reply.status in ("paused", "blocked", "error"):
                 st.caption({"paused": "This conversation is paused.", "blocked": "Your message was not delivered.",

@@ -13,6 +13,7 @@ from core import templates as tpl
 from core import untrusted
 from core.errors import EXPECTED_ERRORS
 from pages import glue, widgets
+from pages.widgets import md, safe_md
 
 PAGE_SIZE = 500
 ALL_TAGS = "All items"
@@ -52,7 +53,7 @@ def new_dataset_form(pool, templates: list[str]) -> None:
                 d = ds.create_dataset(pool, name.strip(), description=description,
                                       default_template=None if default == "(none)" else default,
                                       created_by=glue.current_user())
-                widgets.flash("success", f"Created dataset {d.name}.")
+                widgets.flash("success", md("Created dataset {}.", d.name))
                 open_dataset(d.name)
 
 
@@ -82,7 +83,7 @@ def items_tab(pool, name: str) -> None:
                                                 "evaluators"),
         **{v: st.column_config.TextColumn(v, help="Input variable") for v in variables},
     }
-    st.caption(f"{total:,} item(s)" + (f" tagged {tag}" if tag else "") + (f", page {page} of {pages}" if pages > 1
+    st.caption(f"{total:,} item(s)" + (md(" tagged {}", tag) if tag else "") + (f", page {page} of {pages}" if pages > 1
                else "") + ". Edit cells, add rows at the bottom, select rows and delete them, then save. "
                "Items an evaluation run used keep their old revision for that run.")
     new_var = st.text_input("Add a variable column", key="datasets.new_var", placeholder="variable name")
@@ -158,7 +159,7 @@ def import_tab(pool, name: str) -> None:
         default = preview.mapping[column]
         kind, _, arg = default.partition(":")
         with cols[i % len(cols)]:
-            role = st.selectbox(column, list(ROLE_LABELS), index=list(ROLE_LABELS).index(kind),
+            role = st.selectbox(safe_md(column), list(ROLE_LABELS), index=list(ROLE_LABELS).index(kind),
                                 format_func=ROLE_LABELS.get, key=f"datasets.map.{column}")
             if role in ("var", "json", "meta"):
                 label = "variable name" if role != "meta" else "metadata key"
@@ -189,7 +190,7 @@ def import_tab(pool, name: str) -> None:
                                     delimiter=sep, strict=strict, created_by=glue.current_user(),
                                     progress=lambda f, m: bar.progress(min(1.0, f), text=m))
             st.session_state[KEY_REPORT] = report
-            widgets.flash("success", report.summary().capitalize() + ".")
+            widgets.flash("success", safe_md(report.summary().capitalize() + "."))
             open_dataset(report.dataset)
     report_panel()
 
@@ -199,7 +200,7 @@ def report_panel() -> None:
     report = st.session_state.get(KEY_REPORT)
     if report is None or not report.rejected:
         return
-    st.warning(f"Last import into {report.dataset}: {len(report.rejected)} row(s) rejected.")
+    st.warning(md("Last import into {}: {} row(s) rejected.", report.dataset, len(report.rejected)))
     st.dataframe(pd.DataFrame([{"line": r.line, "reason": r.reason} for r in report.rejected]), hide_index=True,
                  width="stretch")
 
@@ -216,7 +217,7 @@ def export_tab(pool, name: str) -> None:
             with glue.reported():
                 prepared[fmt] = (name, tag, ds.export_items(pool, name, fmt, tag=tag))
         if fmt in prepared and prepared[fmt][:2] == (name, tag):
-            col.download_button(f"Download {name}.{fmt}", prepared[fmt][2], file_name=f"{name}.{fmt}", mime=mime,
+            col.download_button(md("Download {}.{}", name, fmt), prepared[fmt][2], file_name=f"{name}.{fmt}", mime=mime,
                                 key=f"datasets.download.{fmt}")
     st.caption("CSV: a column per variable (values as text), then expected, tags and metadata. JSONL keeps value "
                "types. Both import back unchanged.")
@@ -244,7 +245,7 @@ def settings_tab(pool, dataset: ds.Dataset, templates: list[str]) -> None:
     if st.button("Delete dataset", key="datasets.delete", disabled=confirm.strip() != dataset.name):
         with glue.reported():
             ds.delete_dataset(pool, dataset.name, with_runs=with_runs)
-            widgets.flash("success", f"Deleted {dataset.name}.")
+            widgets.flash("success", md("Deleted {}.", dataset.name))
             open_dataset(None)
 
 
@@ -278,9 +279,9 @@ if current is None:
     import_tab(pool, "my-dataset")
 else:
     dataset = next(d for d in all_datasets if d.name == current)
-    st.subheader(dataset.name)
+    st.subheader(safe_md(dataset.name))
     if dataset.description:
-        st.caption(dataset.description)
+        st.caption(safe_md(dataset.description))
     items, importer, exporter, config = st.tabs(["Items", "Import", "Export", "Settings"])
     with items, glue.reported():   # e.g. the dataset deleted from another session meanwhile
         items_tab(pool, dataset.name)

@@ -17,6 +17,7 @@ from core import evaluations as ev
 from core import evaluators, promptfoo, untrusted
 from core.errors import InvalidInput
 from pages import glue, widgets
+from pages.widgets import code_span, md, safe_md
 
 VIEWS = ("Runs", "New run", "Compare", "Import promptfoo")
 EVALUATOR_TYPES = sorted(evaluators.TYPES)
@@ -208,8 +209,9 @@ def run_view(pool, settings) -> None:
     by_id = {r.id: r for r in runs}
     st.selectbox("Run", ids, key=KEY_RUN, format_func=lambda i: run_label(by_id[i]))
     run = ev.get_run(pool, st.session_state[KEY_RUN])
-    st.caption(f"Model {run.model_name} · parameters {json.dumps(run.params) if run.params else 'of each version'}"
-               f" · {len(run.evaluators)} evaluator(s) · started by {run.created_by or 'anonymous'} via {run.source}"
+    st.caption(md("Model {} · parameters {} · {} evaluator(s) · started by {} via {}", run.model_name,
+                  json.dumps(run.params) if run.params else "of each version", len(run.evaluators),
+                  run.created_by or "anonymous", run.source)
                + (f" · re-run of #{run.rerun_of}" if run.rerun_of else ""))
     active = run.status in ("queued", "running")
     if active:
@@ -271,13 +273,13 @@ def run_view(pool, settings) -> None:
         labels = {f"item {r.item_id} · {titles_by_pos[r.position]}": r for r in results}
         pick = st.selectbox("Look at one result", list(labels), key="evaluations.result")
         r = labels[pick]
-        st.markdown(f"**Input** `{json.dumps(r.input, ensure_ascii=False)}` · revision {r.revision}"
+        st.markdown(f"**Input** {code_span(json.dumps(r.input, ensure_ascii=False))} · revision {r.revision}"
                     + (f" · execution #{r.execution_id}" if r.execution_id else ""))
         if r.checks:
             st.dataframe(pd.DataFrame([{k: c[k] for k in ("name", "origin", "passed", "score", "weight", "reason")}
                                        for c in r.checks]), hide_index=True, width="stretch")
         if r.error:
-            st.error(r.error)
+            st.error(safe_md(r.error))
         elif r.expected is not None:
             st.code(ev.unified_diff(r.expected, r.output) or "(output equals the expected output)", language="diff")
         else:
@@ -328,20 +330,21 @@ def show_comparison(c: ev.Comparison) -> None:
                            width="stretch")
     st.subheader("Is the difference real?")
     for t in c.tests:
-        st.markdown(f"**{t.other}** against **{t.baseline}** over {t.n_pairs} paired item(s)")
+        st.markdown(md("**{}** against **{}** over {} paired item(s)", t.other, t.baseline, t.n_pairs))
         m = t.mcnemar
         significant = t.n_pairs and m.p_value < 0.05
-        (st.success if significant else st.info)(f"Pass/fail: {t.pass_verdict}")
+        (st.success if significant else st.info)(md("Pass/fail: {}", t.pass_verdict))
         a, b, cc, d = st.columns(4)
         a.metric("Pass rate change", f"{(t.other_passed - t.baseline_passed) / t.n_pairs:+.1%}" if t.n_pairs else "—")
-        b.metric("McNemar exact p", f"{m.exact_p:.3g}", help=f"Only {t.baseline} passed: {m.b}; only {t.other} "
-                 f"passed: {m.c}. Mid-p {m.mid_p:.3g}; chi-square (continuity) {m.chi2:.2f}, p {m.chi2_p:.3g}")
+        b.metric("McNemar exact p", f"{m.exact_p:.3g}", help=md(
+            "Only {} passed: {}; only {} passed: {}. Mid-p {:.3g}; chi-square (continuity) {:.2f}, p {:.3g}",
+            t.baseline, m.b, t.other, m.c, m.mid_p, m.chi2, m.chi2_p))
         if t.bootstrap is not None:
             boot = t.bootstrap
             cc.metric("Mean score change", f"{boot.mean_diff:+.3f}",
                       help=f"95% CI {boot.ci_low:+.3f} to {boot.ci_high:+.3f} ({boot.resamples} paired resamples)")
             d.metric("Bootstrap p", f"{boot.p_value:.3g}")
-            (st.success if boot.significant else st.info)(f"Scores: {t.score_verdict}")
+            (st.success if boot.significant else st.info)(md("Scores: {}", t.score_verdict))
     if len(c.arms) == 2:
         pairs = pd.DataFrame([{"item": r["item_id"], "a": r["score 1"], "b": r["score 2"],
                                "disagree": r["disagree"]} for r in c.rows
@@ -372,7 +375,7 @@ def show_comparison(c: ev.Comparison) -> None:
         r = next(x for x in rows if x["item_id"] == item)
         cols = st.columns(len(c.titles))
         for k, (col, title) in enumerate(zip(cols, c.titles), start=1):
-            col.markdown(f"**{title}** — {'pass' if r[f'passed {k}'] else 'fail'}")
+            col.markdown(md("**{}** — {}", title, "pass" if r[f"passed {k}"] else "fail"))
             if r["expected"] is not None:
                 col.code(ev.unified_diff(r["expected"], r[f"output {k}"]) or "(equals the expected output)",
                          language="diff")
@@ -414,7 +417,7 @@ def promptfoo_view(pool, settings) -> None:
             run, imported = promptfoo.start(pool, settings, suite, created_by=glue.current_user(),
                                             name=name.strip() or None)
             for line in imported.report_lines():
-                widgets.flash("warning" if line.startswith("unsupported") else "info", line)
+                widgets.flash("warning" if line.startswith("unsupported") else "info", safe_md(line))
             widgets.flash("success", f"Run #{run.id} queued: {run.total} item(s).")
             widgets.rerun_with(**{KEY_VIEW: "Runs", KEY_RUN: run.id})
 

@@ -11,19 +11,20 @@ from core import datasets, executions
 from core.errors import InvalidInput, is_expected, user_message
 from core.executions import Execution
 from pages import glue
+from pages.widgets import md, write_stream_text
 
 log = logging.getLogger("promptdev.ui")
 
 
 def status_line(e: Execution) -> None:
     """The execution's status as one coloured line."""
-    text = f"Execution #{e.id} · {e.status} · {e.model_name} · seed {e.seed}"
+    text = md("Execution #{} · {} · {} · seed {}", e.id, e.status, e.model_name, e.seed)
     if e.status == "ok":
         st.caption(text)
     elif e.status == "error":
-        st.error(f"{text} — {e.error}")
+        st.error(text + md(" — {}", e.error))
     else:
-        st.warning(text + (f" — {e.error}" if e.error else ""))
+        st.warning(text + (md(" — {}", e.error) if e.error else ""))
 
 
 def show_figures(e: Execution, columns: int = 6) -> None:
@@ -46,7 +47,7 @@ def stream_recorded(run: executions.ExecutionRun, border: bool = True) -> None:
     try:
         with st.container(border=border):
             with run:
-                st.write_stream(run)
+                write_stream_text(run)
     except Exception as exc:
         if run.execution_id is None or not is_expected(exc):
             raise
@@ -64,4 +65,4 @@ def save_to_dataset(pool, prefix: str, e: Execution) -> None:
                 if not name.strip():
                     raise InvalidInput("name the dataset to save the item in")
                 datasets.add_item_from_execution(pool, name.strip(), e.id, create=True)
-                st.success(f"Execution #{e.id} saved in dataset {name.strip()!r}")
+                st.success(md("Execution #{} saved in dataset {!r}", e.id, name.strip()))

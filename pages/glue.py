@@ -17,6 +17,7 @@ import streamlit as st
 from core import accounts, models, runtime
 from core.config import Settings, SettingsError, load_settings
 from core.errors import EXPECTED_ERRORS, is_expected, user_message
+from core.text import escape_markdown
 from pages import routing
 
 log = logging.getLogger("promptdev.ui")
@@ -33,7 +34,7 @@ def settings() -> Settings:
     try:
         return load_settings()
     except SettingsError as exc:
-        st.error(f"Configuration error — {exc}")
+        st.error(f"Configuration error — {escape_markdown(exc)}")
         st.stop()
         raise  # unreachable
 
@@ -49,7 +50,7 @@ def pool():
     try:
         return _pool(s.database_url, str(s.data_dir))
     except EXPECTED_ERRORS as exc:
-        st.error(f"Database unavailable — {user_message(exc)}")
+        st.error(f"Database unavailable — {escape_markdown(user_message(exc))}")
         st.stop()
         raise
 
@@ -69,7 +70,7 @@ def backend():
     try:
         return _backend(s)
     except EXPECTED_ERRORS as exc:
-        st.error(f"Model unavailable — {user_message(exc)}")
+        st.error(f"Model unavailable — {escape_markdown(user_message(exc))}")
         st.stop()
         raise
 
@@ -102,10 +103,10 @@ def start_metrics() -> None:
 
 def show_error(exc: BaseException) -> None:
     """Show an exception: an expected one as one line (details at INFO in the log), anything else as Streamlit's
-    error box with its traceback, logged with it."""
+    error box with its traceback, logged with it. The line is escaped: messages quote names and inputs."""
     if is_expected(exc):
         log.info("user-facing error", exc_info=exc)
-        st.error(user_message(exc))
+        st.error(escape_markdown(user_message(exc)))
     else:
         log.error("unexpected error in the UI", exc_info=exc)
         st.exception(exc)

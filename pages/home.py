@@ -4,6 +4,7 @@ import streamlit as st
 
 from core import status
 from pages import glue
+from pages.widgets import code_span, md
 
 st.title("PromptDev")
 st.caption("Local-first prompt engineering workbench: templates, playground, live conversations, evaluations.")
@@ -16,28 +17,28 @@ with db_col:
     st.subheader("Database")
     with glue.reported():
         info = status.database_status(pool, settings)
-        st.markdown(f"**{info['kind']}** PostgreSQL {info['version']}")
+        st.markdown(md("**{}** PostgreSQL {}", info["kind"], info["version"]))
         a, b = st.columns(2)
         a.metric("Size", glue.human_bytes(info["size_bytes"]))
         b.metric("Migrations", info["migrations"])
-        st.caption(f"Database `{info['database']}` · {info['location']}")
+        st.caption(f"Database {code_span(info['database'])} · {md('{}', info['location'])}")
 
 with model_col:
     st.subheader("Model")
     backend = glue.backend()
     facts = status.model_status(backend)
-    st.markdown(f"**{facts['name']}** · {facts['backend']}")
+    st.markdown(md("**{}** · {}", facts["name"], facts["backend"]))
     a, b, c = st.columns(3)
     a.metric("Context", f"{facts['n_ctx']:,}")
     if facts["in_process"]:
         b.metric("File size", glue.human_bytes(facts["file_size"]))
         c.metric("Load time", f"{facts['load_s']:.2f} s")
-        st.caption(f"Architecture `{facts['architecture']}` · {facts['n_threads']} threads · "
-                   f"chat format `{facts['chat_format']}` · `{facts['path']}`")
+        st.caption(f"Architecture {code_span(facts['architecture'])} · {facts['n_threads']} threads · "
+                   f"chat format {code_span(facts['chat_format'])} · {code_span(facts['path'])}")
     else:
         b.metric("Timeout", f"{facts['timeout_s']:.0f} s")
         c.metric("Retries", facts["max_retries"])
-        st.caption(f"Server `{facts['base_url']}` · model `{facts['model']}`")
+        st.caption(f"Server {code_span(facts['base_url'])} · model {code_span(facts['model'])}")
     if st.button("Warm up the model", key="home.warmup", help="Runs a short generation and measures its speed"):
         with st.spinner("Generating…"), glue.reported():
             st.session_state[glue.KEY_WARMUP] = status.warm_up(backend)

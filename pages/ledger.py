@@ -24,9 +24,8 @@ LIMIT = 500
 
 
 def inline_code(value: Any) -> str:
-    """A value as inline code (so names like q4_k_m are not read as markdown)."""
-    text = str(value).replace("\n", " ")
-    return text if text == "–" or "`" in text else f"`{text}`"
+    """A value as inline code (shown literally: names like q4_k_m, and any link or image in it, stay text)."""
+    return "–" if value == "–" else widgets.code_span(value)
 
 
 def server_text(e: Execution) -> str:
@@ -125,11 +124,11 @@ def rerun_verdict(original: Execution, new: Execution) -> None:
     if executions.is_identical(original, new):
         st.success(f"Identical output: execution #{new.id} reproduces #{original.id} exactly (seed {new.seed}).")
     elif new.status == "error":
-        st.error(f"Re-run #{new.id} failed, so it does not reproduce #{original.id}: {new.error}")
+        st.error(widgets.md("Re-run #{} failed, so it does not reproduce #{}: {}", new.id, original.id, new.error))
     else:
         why = executions.why_rerun_differs(original, new)
-        st.warning(f"Output differs: execution #{new.id} ({new.status}) does not reproduce "
-                   f"#{original.id} ({original.status}).{' ' + why if why else ''}")
+        st.warning(widgets.md("Output differs: execution #{} ({}) does not reproduce #{} ({}).{}", new.id, new.status,
+                              original.id, original.status, " " + why if why else ""))
         diff = "\n".join(difflib.unified_diff((original.output or "").splitlines(), (new.output or "").splitlines(),
                                               f"#{original.id}", f"#{new.id}", lineterm=""))
         if diff:

@@ -52,7 +52,7 @@ def register_form() -> None:
                         path=path.strip() if gguf else None, base_url=None if gguf else base_url.strip(),
                         remote_model=None if gguf else remote.strip(), api_key_env=None if gguf else key_env.strip(),
                         chat_format=chat_format, n_ctx=int(n_ctx), settings=settings)
-                widgets.flash("success", f"Registered {added.name} ({added.backend})")
+                widgets.flash("success", widgets.md("Registered {} ({})", added.name, added.backend))
                 st.rerun()
 
 
@@ -67,7 +67,7 @@ def remove_form(registry: list[models.Model]) -> None:
     if right.button("Remove", key="models.remove"):
         with glue.reported():
             models.delete_model(pool, gone)
-            widgets.flash("success", f"Removed {gone}")
+            widgets.flash("success", widgets.md("Removed {}", gone))
             st.rerun()
 
 

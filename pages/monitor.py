@@ -15,6 +15,7 @@ import streamlit as st
 from core import conversations, guardrails, templates
 from core.errors import InvalidInput
 from pages import glue, widgets
+from pages.widgets import code_span, md, safe_md
 
 # Session-state and widget keys.
 KEY_TAB = "monitor.tab"
@@ -108,22 +109,23 @@ def show_message(m: conversations.Message) -> None:
     """One message, marking injections, notices, flags and guardrail events."""
     if m.is_injection:
         with st.chat_message("operator", avatar="🛠️"):
-            st.markdown(f"**Operator injection** by {m.operator}")
+            st.markdown(md("**Operator injection** by {}", m.operator))
             st.text(m.content)
     else:
         with st.chat_message("user" if m.role == "user" else "assistant"):
             st.text(NOTICE.get(m.kind, "") + (m.content or "(empty)"))
-    notes = [f"#{m.seq} · {when(m.created_at)}"]
+    notes = [md("#{} · {}", m.seq, when(m.created_at))]
     if m.status and m.status != "ok":
-        notes.append(m.status)
+        notes.append(safe_md(m.status))
     if m.execution_id:
-        notes.append(f"execution {m.execution_id}")
+        notes.append(md("execution {}", m.execution_id))
     if m.flagged:
-        notes.append("🚩 flagged" + (f" (reviewed by {m.reviewed_by})" if m.reviewed_by else ""))
+        notes.append("🚩 flagged" + (md(" (reviewed by {})", m.reviewed_by) if m.reviewed_by else ""))
     st.caption(" · ".join(notes))
     for e in m.events:
-        excerpt = f" — “{e['excerpt']}”" if e.get("excerpt") else ""
-        st.caption(f"🛡️ guardrail **{e['rule']}** · {e['direction']} · {e['action']} · {e['matches']}×{excerpt}")
+        excerpt = md(" — “{}”", e["excerpt"]) if e.get("excerpt") else ""
+        st.caption(md("🛡️ guardrail **{}** · {} · {} · {}×", e["rule"], e["direction"], e["action"], e["matches"])
+                   + excerpt)
 
 
 def overview(filters: dict[str, Any], known_users: int | None) -> None:
@@ -166,20 +168,21 @@ def conversation_view(user_id: str, shown_state: str | None) -> None:
         if conv.state != shown_state:
             st.rerun()  # halted by a guardrail or another operator: offer Resume instead of Halt
         head, badge = st.columns([4, 1])
-        head.subheader(user_id)
+        head.subheader(safe_md(user_id))
         with badge:
             if conv.halted:
                 st.badge("Halted", icon=":material/pause_circle:", color="red")
             else:
                 st.badge("Active", icon=":material/play_circle:", color="green")
         if conv.halted:
-            st.warning(f"Halted by {conv.halted_by} at {when(conv.halted_at)}: {conv.halted_reason}")
-        st.caption(f"Template: {conv.template_spec or settings.default_template + ' (configured default)'}"
-                   f" · started {when(conv.created_at)} · last activity {when(conv.last_activity)}")
+            st.warning(md("Halted by {} at {}: {}", conv.halted_by, when(conv.halted_at), conv.halted_reason))
+        st.caption(md("Template: {} · started {} · last activity {}",
+                      conv.template_spec or settings.default_template + " (configured default)",
+                      when(conv.created_at), when(conv.last_activity)))
         messages = conversations.list_messages(pool, user_id, limit=MESSAGES_SHOWN)
         if len(messages) == MESSAGES_SHOWN:
-            st.caption(f"Showing the latest {MESSAGES_SHOWN} messages; `promptdev conversations show "
-                       f"{user_id}` prints them all.")
+            st.caption(f"Showing the latest {MESSAGES_SHOWN} messages; "
+                       f"{code_span(f'promptdev conversations show {user_id}')} prints them all.")
         with st.container(height=460):
             if not messages:
                 st.caption("No messages yet.")
@@ -201,12 +204,12 @@ def intervene(user: str, conv: conversations.Conversation) -> None:
     st.markdown("**Intervene**")
     if conv.halted:
         st.button("Resume", key=KEY_RESUME, type="primary", on_click=act, args=(
-            lambda: conversations.resume_conversation(pool, user, operator), f"Resumed {user}."))
+            lambda: conversations.resume_conversation(pool, user, operator), md("Resumed {}.", user)))
     else:
         st.text_input("Reason for the halt", key=KEY_HALT_REASON, placeholder="why the model must stop answering")
         st.button("Halt", key=KEY_HALT, type="primary", on_click=act, args=(
             lambda: conversations.halt_conversation(pool, user, ss.get(KEY_HALT_REASON, ""), operator),
-            f"Halted {user}: the next message gets the paused reply.", (KEY_HALT_REASON,)))
+            md("Halted {}: the next message gets the paused reply.", user), (KEY_HALT_REASON,)))
     st.text_area("Inject a message the AI sees from its next turn", key=KEY_INJECT_TEXT, height=80)
     st.button("Inject", key=KEY_INJECT, on_click=act, args=(
         lambda: conversations.inject_message(pool, user, ss.get(KEY_INJECT_TEXT, ""), operator),
@@ -331,9 +334,9 @@ def rules_table() -> None:
     chosen_rule = next(r for r in rules if r.name == chosen)
     m2.button("Disable" if chosen_rule.enabled else "Enable", key=KEY_RULE_TOGGLE, on_click=act, args=(
         lambda: guardrails.set_enabled(pool, chosen, not chosen_rule.enabled),
-        f"Rule {chosen!r} {'disabled' if chosen_rule.enabled else 'enabled'}."))
+        md("Rule {!r} {}.", chosen, "disabled" if chosen_rule.enabled else "enabled")))
     m3.button("Delete", key=KEY_RULE_DELETE, on_click=act, args=(
-        lambda: guardrails.delete_rule(pool, chosen), f"Rule {chosen!r} deleted (its events stay)."))
+        lambda: guardrails.delete_rule(pool, chosen), md("Rule {!r} deleted (its events stay).", chosen)))
 
 
 def new_rule_form() -> None:

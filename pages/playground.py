@@ -15,6 +15,7 @@ from core.errors import InvalidInput, PromptDevError, user_message
 from core.executions import GenerationParams, Origin
 from pages import glue, widgets
 from pages.execution_widgets import save_to_dataset, show_figures, status_line, stream_recorded
+from pages.widgets import code_span, md, safe_md
 
 # Session-state keys.
 KEY_TAB = "playground.tab"
@@ -107,7 +108,7 @@ def model_choice(prefix: str) -> models.Model:
 
 def backend_of(model: models.Model):
     """The process-wide backend of a registered model (loaded on first use)."""
-    with st.spinner(f"Loading {model.name}…"):
+    with st.spinner(md("Loading {}…", model.name)):
         return models.backend_for(pool, settings, model.name)
 
 
@@ -129,9 +130,9 @@ def template_request(name: str, version_column) -> dict[str, Any] | None:
     """The template run's fields: version, variables, user message, parameters; None while a variable is invalid."""
     with version_column:
         tv, label, number = choose_version("playground.run", name)
-    with st.expander(f"{tv.ref} · {tv.kind} · {len(tv.variables)} variable(s)"):
+    with st.expander(md("{} · {} · {} variable(s)", tv.ref, tv.kind, len(tv.variables))):
         if tv.change_description:
-            st.caption(tv.change_description)
+            st.caption(safe_md(tv.change_description))
         widgets.show_messages(tv.messages if tv.kind == "chat" else None, tv.text if tv.kind == "text" else None)
     specs = executions.variable_specs(templates.required_variables(pool, tv), tv.input_schema)
     if specs:
@@ -173,7 +174,7 @@ def show_run_result(execution_id: int) -> None:
     e = executions.get_execution(pool, execution_id)
     if st.session_state.get(KEY_STREAMED) != e.id:
         with st.container(border=True):
-            st.markdown(e.output or "")
+            st.markdown(safe_md(e.output))
     st.session_state[KEY_STREAMED] = None
     status_line(e)
     show_figures(e)
@@ -252,7 +253,7 @@ def run_columns(configs: list[dict[str, Any]], variables: dict[str, Any], messag
         progress.progress(i / n, text=f"Running column {i + 1} of {n}…")
         run = executions.start(pool, backend_of(c["model"]), origin=p.origin, params=p.params, messages=p.messages)
         with slots[i].container():
-            st.caption(f"{c['tv'].ref} · {c['model'].name}")
+            st.caption(md("{} · {}", c["tv"].ref, c["model"].name))
             stream_recorded(run, border=False)  # a failure is recorded; the other columns still run
         ids[i] = run.execution_id
     progress.empty()
@@ -266,10 +267,10 @@ def show_columns(rows: list[executions.Execution]) -> None:
     st.subheader("Outputs")
     for col, e in zip(st.columns(len(rows)), rows):
         with col:
-            st.markdown(f"**{e.template_ref}** · {e.model_name}")
+            st.markdown(md("**{}** · {}", e.template_ref, e.model_name))
             status_line(e)
             with st.container(border=True):
-                st.markdown(e.output or "")
+                st.markdown(safe_md(e.output))
             show_figures(e, columns=2)
     st.dataframe(pd.DataFrame([{
         "column": k + 1, "execution": e.id, "template": e.template_ref, "label": e.label or "",
@@ -351,9 +352,9 @@ def edit_draft(draft: executions.TemplateDraft, task: str) -> None:
         [{"role": "user", "content": new_user}]
     analysis = templates.analyze(content)
     if analysis.error:
-        st.error(analysis.error)
+        st.error(safe_md(analysis.error))
     else:
-        st.caption("Variables: " + (", ".join(f"`{v}`" for v in analysis.variables) or "none"))
+        st.caption("Variables: " + (", ".join(code_span(v) for v in analysis.variables) or "none"))
     if st.button("Save as a new template", key="playground.draft.save", type="primary"):
         with glue.reported():
             tv = templates.create_template(
@@ -361,7 +362,7 @@ def edit_draft(draft: executions.TemplateDraft, task: str) -> None:
                 change_description=f"Drafted with the model in the playground (execution {draft.execution_id})")
             st.session_state[KEY_SAVED] = tv.ref
     if st.session_state.get(KEY_SAVED):
-        st.success(f"Saved as template {st.session_state[KEY_SAVED]}; run it in the Run tab.")
+        st.success(md("Saved as template {}; run it in the Run tab.", st.session_state[KEY_SAVED]))
 
 
 def draft_tab() -> None:

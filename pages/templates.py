@@ -16,6 +16,7 @@ from core import templates as tpl
 from core.errors import EXPECTED_ERRORS, InvalidInput
 from core.templates import interchange
 from pages import glue, widgets
+from pages.widgets import code_span, md, safe_md
 
 PAGE_SIZE = 50
 MODE_BROWSE, MODE_NEW = "Browse", "New template"
@@ -77,7 +78,7 @@ def preview(pool, prefix: str, render, names: list[str], schema: dict | None) ->
     try:
         rendered = render(values)
     except tpl.MissingVariables as exc:
-        st.info(f"Fill in the variables to see the prompt — {exc}")
+        st.info(md("Fill in the variables to see the prompt — {}", exc))
         return
     except EXPECTED_ERRORS as exc:
         glue.show_error(exc)
@@ -122,10 +123,10 @@ def editor(prefix: str, initial: tpl.TemplateVersion | None) -> dict[str, Any]:
             content.append({"role": role, "content": text})
     analysis = analyzed(prefix, content)
     if analysis.error:
-        st.error(analysis.error)
-    st.caption("Variables: " + (", ".join(f"`{v}`" for v in analysis.variables) or "none"))
+        st.error(safe_md(analysis.error))
+    st.caption("Variables: " + (", ".join(code_span(v) for v in analysis.variables) or "none"))
     if analysis.includes:
-        st.caption("Includes: " + ", ".join(f"`{r}`" for r in analysis.includes))
+        st.caption("Includes: " + ", ".join(code_span(r) for r in analysis.includes))
     with st.expander("Model parameters and JSON Schemas", expanded=bool(initial and (initial.params or
                                                                                      initial.input_schema))):
         params = st.text_area("Default model parameters (JSON)", value=pretty(initial.params if initial else None),
@@ -183,7 +184,7 @@ def new_template_form(pool) -> None:
             tv = tpl.create_template(pool, name.strip(), values["content"], description=description,
                                      category=category, tags=tags.split(","), owner=owner or glue.current_user(),
                                      created_by=glue.current_user(), **parsed_fields(values))
-            widgets.flash("success", f"Created {tv.name} version 1")
+            widgets.flash("success", md("Created {} version 1", tv.name))
             clear = {k: None for k in list(st.session_state) if str(k).startswith(NEW_PREFIX + ".")}
             widgets.rerun_with(**clear, **{KEY_MODE: MODE_BROWSE, KEY_OPEN: tv.name})
 
@@ -235,12 +236,12 @@ def template_list(pool) -> None:
 def header(t: tpl.Template) -> None:
     """Name, status badge, labels and metadata."""
     badge = ":green-badge[active]" if t.active else ":gray-badge[inactive]"
-    labels = " ".join(f":blue-badge[{k} → v{v}]" for k, v in t.labels.items())
-    st.subheader(f"{t.name}")
+    labels = " ".join(md(":blue-badge[{} → v{}]", k, v) for k, v in t.labels.items())
+    st.subheader(safe_md(t.name))
     st.markdown(f"{badge} :violet-badge[latest → v{t.latest_version}] {labels}")
-    facts = [t.description or "", f"category `{t.category}`" if t.category else "",
-             "tags " + ", ".join(f"`{x}`" for x in t.tags) if t.tags else "", f"owner {t.owner}" if t.owner else "",
-             f"updated {t.updated_at:%Y-%m-%d %H:%M}"]
+    facts = [safe_md(t.description or ""), f"category {code_span(t.category)}" if t.category else "",
+             "tags " + ", ".join(code_span(x) for x in t.tags) if t.tags else "",
+             md("owner {}", t.owner) if t.owner else "", f"updated {t.updated_at:%Y-%m-%d %H:%M}"]
     st.caption(" · ".join(f for f in facts if f))
 
 
@@ -262,7 +263,7 @@ def edit_tab(pool, t: tpl.Template, versions: list[int]) -> None:
                                                  change_description=change, base_version=base,
                                                  **parsed_fields(values))
             if created:
-                widgets.flash("success", f"Saved {t.name} version {saved.version}")
+                widgets.flash("success", md("Saved {} version {}", t.name, saved.version))
             else:
                 widgets.flash("info", f"No changes: the content is identical to version {saved.version}; "
                                       "nothing was saved")
@@ -296,8 +297,8 @@ def history_tab(pool, t: tpl.Template, history: list[tpl.TemplateVersion]) -> No
         st.session_state[KEY_CONFIRM_ROLLBACK] = (t.name, target)
     pending = st.session_state.get(KEY_CONFIRM_ROLLBACK)
     if pending and pending[0] == t.name:
-        st.warning(f"Roll back {t.name} to version {pending[1]}? This creates version {t.latest_version + 1} with "
-                   f"version {pending[1]}'s content; no version is deleted.")
+        st.warning(md("Roll back {} to version {}? This creates version {} with version {}'s content; no version is "
+                      "deleted.", t.name, pending[1], t.latest_version + 1, pending[1]))
         yes, no = st.columns(2)
         if yes.button("Confirm rollback", key=f"templates.rollback.{t.name}.confirm", type="primary"):
             st.session_state.pop(KEY_CONFIRM_ROLLBACK, None)
@@ -335,7 +336,7 @@ def diff_tab(pool, t: tpl.Template, versions: list[int]) -> None:
 def labels_tab(pool, t: tpl.Template, versions: list[int]) -> None:
     """Current labels, moving or removing one, and the recorded history of moves."""
     current = {**t.labels, "latest": t.latest_version}
-    st.markdown(" ".join(f"`{k}` → v{v}" for k, v in current.items()))
+    st.markdown(" ".join(f"{code_span(k)} → v{v}" for k, v in current.items()))
     choices = list(dict.fromkeys([*tpl.STANDARD_LABELS, *t.labels, "other…"]))
     a, b, c = st.columns([2, 2, 1])
     label = a.selectbox("Label", choices, key=f"templates.labels.{t.name}.label")
@@ -348,7 +349,8 @@ def labels_tab(pool, t: tpl.Template, versions: list[int]) -> None:
                 raise InvalidInput("Type a label name")
             moved = tpl.set_label(pool, t.name, label, version, moved_by=glue.current_user())
             widgets.flash("success" if moved else "info",
-                  f"{label} → version {version}" if moved else f"{label} already points at version {version}")
+                  md("{} → version {}", label, version) if moved else
+                  md("{} already points at version {}", label, version))
             st.rerun()
     if t.labels:
         d, e = st.columns([2, 1])
@@ -356,7 +358,7 @@ def labels_tab(pool, t: tpl.Template, versions: list[int]) -> None:
         if e.button("Remove label", key=f"templates.labels.{t.name}.remove"):
             with glue.reported():
                 tpl.remove_label(pool, t.name, gone, moved_by=glue.current_user())
-                widgets.flash("success", f"Removed label {gone}")
+                widgets.flash("success", md("Removed label {}", gone))
                 st.rerun()
     events = tpl.get_label_history(pool, t.name)
     if events:
@@ -376,7 +378,7 @@ def preview_tab(pool, t: tpl.Template, versions: list[int]) -> None:
     version = int(which[1:]) if which and which.startswith("v") else None
     tv = tpl.get_template_by_name(pool, t.name, label=label, version=version)
     names = tpl.required_variables(pool, tv)
-    st.caption(f"Rendering {tv.ref} · variables: " + (", ".join(f"`{n}`" for n in names) or "none"))
+    st.caption(md("Rendering {} · variables: ", tv.ref) + (", ".join(code_span(n) for n in names) or "none"))
     preview(pool, f"templates.preview.{t.name}",
             lambda v: tpl.render_template(pool, tv, v), names, tv.input_schema)
 
@@ -393,7 +395,7 @@ def manage_tab(pool, t: tpl.Template) -> None:
         if st.button("Save details", key=f"templates.manage.{t.name}.save"):
             with glue.reported():
                 tpl.update_metadata(pool, t.name, description=description, category=category, tags=tags, owner=owner)
-                widgets.flash("success", f"Saved the details of {t.name}")
+                widgets.flash("success", md("Saved the details of {}", t.name))
                 st.rerun()
     a, b = st.columns(2)
     with a.container(border=True):
@@ -407,7 +409,7 @@ def manage_tab(pool, t: tpl.Template) -> None:
         if st.button(action, key=f"templates.manage.{t.name}.{action.lower()}"):
             with glue.reported():
                 switch(pool, t.name)
-                widgets.flash("success", f"{t.name} {done}")
+                widgets.flash("success", md("{} {}", t.name, done))
                 st.rerun()
     with b.container(border=True):
         st.markdown("**Duplicate**")
@@ -415,7 +417,7 @@ def manage_tab(pool, t: tpl.Template) -> None:
         if st.button("Duplicate", key=f"templates.manage.{t.name}.duplicate"):
             with glue.reported():
                 tv = tpl.duplicate_template(pool, t.name, new_name.strip(), created_by=glue.current_user())
-                widgets.flash("success", f"Created {tv.name} from {t.name} version {t.latest_version}")
+                widgets.flash("success", md("Created {} from {} version {}", tv.name, t.name, t.latest_version))
                 widgets.rerun_with(**{KEY_OPEN: tv.name, f"templates.manage.{t.name}.new_name": None})
     text = tpl.dump_export(tpl.export_templates(pool, [t.name]), "yaml")
     st.download_button("Export as YAML", text, file_name=f"{t.name}.yaml", mime="application/yaml",
@@ -468,7 +470,7 @@ def import_export(pool) -> None:
                     fmt = tpl.format_for_path(upload.name)
                     report = tpl.import_templates(pool, tpl.load_export(upload.getvalue(), fmt),
                                                   imported_by=glue.current_user())
-                    widgets.flash("success", report.summary())
+                    widgets.flash("success", safe_md(report.summary()))
                     st.rerun()
 
 

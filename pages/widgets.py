@@ -4,6 +4,11 @@ when open, rendered messages and variable fields.
 An action that changes something usually ends its run with `rerun_with(...)` (or `st.rerun()`) after `flash(...)`:
 the next run first calls `carry_over()`, before any widget exists, which sets the widget values asked for and shows
 the messages once.
+
+Untrusted text (user ids, messages, model output, names, dataset cells, audit entries, error messages) is never
+handed to an st.* call that renders Markdown as it is: `safe_md(text)` escapes it (core.text.escape_markdown), `md`
+formats our own Markdown around escaped values, `code_span` shows one as inline code, and `write_stream_text`
+streams model output escaped. Plain-text elements (st.text, st.code, dataframe cells, selectbox options) need none.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from streamlit.delta_generator import DeltaGenerator
 
 from core.errors import is_expected, user_message
 from core.executions import VariableSpec
+from core.text import code_span, escape_markdown, md  # noqa: F401 (code_span and md are for the pages too)
 
 log = logging.getLogger("promptdev.ui")
 
@@ -25,8 +31,29 @@ KEY_PENDING = "promptdev.pending"  # widget values to set on the next run, befor
 AVATARS = {"system": "⚙️", "user": "user", "assistant": "assistant"}
 
 
+def safe_md(text: Any) -> str:
+    """Untrusted text for any st.* call that renders Markdown (markdown, caption, write, alerts, labels, help):
+    shown exactly as written, with no link, image, HTML or formatting."""
+    return escape_markdown(text)
+
+
+def write_stream_text(stream: Any) -> str:
+    """Stream text chunks (model output) into one element, escaped as it grows (st.write_stream would render it as
+    Markdown: links and images in the output would go live); returns the whole text."""
+    slot, text = None, ""
+    for chunk in stream:
+        if not chunk:
+            continue
+        text += chunk
+        if slot is None:
+            slot = st.empty()
+        slot.markdown(escape_markdown(text))
+    return text
+
+
 def flash(kind: str, message: Any) -> None:
-    """Queue a message for the next run: kind is success, info, warning, error, or exception (an exception)."""
+    """Queue a message for the next run: kind is success, info, warning, error, or exception (an exception). The
+    message is Markdown: build one holding untrusted text with `md` (or `safe_md`)."""
     st.session_state.setdefault(KEY_FLASH, []).append((kind, message))
 
 
@@ -35,7 +62,7 @@ def flash_error(exc: Exception) -> None:
     as Streamlit's error box."""
     if is_expected(exc):
         log.info("user-facing error", exc_info=exc)
-        flash("error", user_message(exc))
+        flash("error", escape_markdown(user_message(exc)))
     else:
         log.error("unexpected error in the UI", exc_info=exc)
         flash("exception", exc)
@@ -62,7 +89,7 @@ def show_messages(messages: list[dict[str, str]] | None, prompt: str | None = No
     """Rendered messages as chat bubbles showing their exact text, then the exact prompt text when there is one."""
     for m in messages or ():
         with st.chat_message(m["role"], avatar=AVATARS.get(m["role"])):
-            st.caption(m["role"])
+            st.caption(escape_markdown(m["role"]))
             st.code(m["content"], language=None, wrap_lines=True)
     if prompt is not None:
         st.caption("Exact prompt text")
@@ -82,15 +109,15 @@ def variable_inputs(prefix: str, specs: list[VariableSpec], columns: int = 1) ->
         if problem:
             problems.append(problem)
     for problem in problems:
-        st.error(problem)
+        st.error(escape_markdown(problem))
     return values, problems
 
 
 def _variable_input(prefix: str, spec: VariableSpec, values: dict[str, Any]) -> str | None:
     """One variable's field; puts its value in `values` (unless left empty) and returns a problem, if any."""
     key = f"{prefix}.var.{spec.name}" + ("" if spec.type == "string" and not spec.enum else f".{spec.type}")
-    label = spec.name + ("" if spec.required else " (optional)")
-    help_ = spec.description or None
+    label = escape_markdown(spec.name) + ("" if spec.required else " (optional)")  # names come from input schemas
+    help_ = escape_markdown(spec.description) if spec.description else None
     if spec.enum:
         options = list(spec.enum)
         index = options.index(spec.default) if spec.default in options else 0

@@ -6,6 +6,7 @@ from streamlit.testing.v1 import AppTest
 
 from core import conversations, guardrails, templates
 from tests.conftest import APP_PATH
+from tests.markdown_check import rendered_text
 
 FAST_TEMPLATE = [{"role": "system", "content": "Be brief.\n{{ conversation_history }}"},
                  {"role": "user", "content": "{{ message }}"}]
@@ -24,7 +25,8 @@ def open_chat(user: str | None = None) -> AppTest:
 
 
 def bubbles(at: AppTest) -> list[tuple[str, str]]:
-    return [(c.name, " ".join(m.value for m in c.markdown)) for c in at.chat_message]
+    """Each chat bubble's sender and the text a reader sees in it (messages are escaped Markdown)."""
+    return [(c.name, " ".join(rendered_text(m.value) for m in c.markdown)) for c in at.chat_message]
 
 
 def test_chat_streams_a_reply_and_history_survives_a_reload(app_env, pool, backend):
