@@ -604,3 +604,14 @@ def test_the_sandbox_renders_without_the_database_modules():
     rendered, loaded = json.loads(result.stdout)
     assert rendered == "Hi Ada"
     assert not [m for m in loaded if m.startswith("psycopg_pool") or m in ("core.db", "core.templates.store")], loaded
+
+
+@pytest.mark.parametrize("check, value", [
+    (tpl.check_name, "greet\n"), (tpl.check_name, "greet\r\n"), (tpl.check_label, "production\n"),
+])
+def test_names_and_labels_with_a_trailing_newline_are_refused_as_invalid_input(check, value):
+    """`$` also matches before a final newline: the whole text must match."""
+    with pytest.raises(tpl.TemplateError) as caught:
+        check(value)
+    assert caught.value.status == 422
+

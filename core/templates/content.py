@@ -40,7 +40,7 @@ class _Prepared:
 
 def check_name(name: str) -> str:
     """Return name if it is a valid template name (a slug), else raise InvalidTemplateInput."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidTemplateInput(f"invalid template name {name!r}: use lowercase letters, digits, '.', '_' or '-', "
                             f"starting with a letter or digit, at most 100 characters")
     return name
@@ -50,7 +50,7 @@ def check_label(label: str) -> str:
     """Return label if it can be set, else raise InvalidTemplateInput."""
     if label in RESERVED_LABELS:
         raise InvalidTemplateInput("'latest' always points at the newest version and cannot be moved")
-    if not isinstance(label, str) or not LABEL_RE.match(label):
+    if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
         raise InvalidTemplateInput(f"invalid label {label!r}: use lowercase letters, digits, '.', '_' or '-', "
                             f"starting with a letter")
     return label

@@ -669,7 +669,7 @@ def _build(source: str, name: str, allowance: _Allowance) -> _Compiled:
             raise _syntax_error('templates are included by a literal name such as {% include "other@production" %}',
                                 node.lineno)
         ref = target.value
-        if not REF_RE.match(ref):
+        if not REF_RE.fullmatch(ref):
             raise _syntax_error(f"{ref!r} is not a template reference (name, name@label or name@version)",
                                 node.lineno)
         if ref not in includes:

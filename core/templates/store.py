@@ -133,7 +133,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     """`name`, `name@label` or `name@3` -> (name, label, version); IncludeError (a TemplateError) when malformed."""
     if not isinstance(ref, str):
         raise IncludeError(f"{ref!r} is not a template reference (name, name@label or name@version)")
-    match = REF_RE.match(ref.strip())
+    match = REF_RE.fullmatch(ref.strip())
     if not match:
         raise IncludeError(f"{ref!r} is not a template reference (name, name@label or name@version)")
     selector = match.group("selector")
