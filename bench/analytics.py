@@ -138,12 +138,14 @@ PG_QUERIES = {
         SELECT sum(n), sum(pt), sum(ct), sum(errors)::float8 / sum(n), min(o.l95), min(o.t95),
                sum(coalesce(pt, 0) / 1000.0 * coalesce(p.pp, d.pp) + coalesce(ct, 0) / 1000.0 * coalesce(p.pc, d.pc)
                    + coalesce(ms, 0) / 1000.0 * coalesce(p.ps, d.ps))
-        FROM m CROSS JOIN o LEFT JOIN prices p ON p.model_name = m.model_name LEFT JOIN prices d ON d.model_name = '*'""",
+        FROM m CROSS JOIN o LEFT JOIN prices p ON p.model_name = m.model_name
+        LEFT JOIN prices d ON d.model_name = '*'""",
     "anomalies (hourly rolling median + MAD)": """
         WITH hourly AS (
             SELECT template_name, date_trunc('hour', created_at AT TIME ZONE 'UTC') AS hour, count(*) AS n,
                    avg(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)) AS tokens,
-                   stddev_samp(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)) / sqrt(count(*)) AS tokens_se,
+                   stddev_samp(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))
+                       / sqrt(count(*)) AS tokens_se,
                    avg(total_ms) FILTER (WHERE status = 'ok') AS latency,
                    stddev_samp(total_ms) FILTER (WHERE status = 'ok')
                        / sqrt(count(total_ms) FILTER (WHERE status = 'ok')) AS latency_se
@@ -271,7 +273,7 @@ def main() -> None:
         with pool.connection() as conn:
             for name, run in duck_queries(board, f, prices).items():
                 duck = timed(run)
-                pg = timed(lambda: conn.execute(PG_QUERIES[name], params).fetchall(), repeat=3)
+                pg = timed(lambda q=PG_QUERIES[name]: conn.execute(q, params).fetchall(), repeat=3)
                 ratio = pg / duck
                 worst, slowest = min(worst, ratio), max(slowest, duck)
                 print(f"{name:42} {duck * 1000:10.1f} {pg * 1000:12.1f} {ratio:6.1f}x")

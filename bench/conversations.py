@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import conversations, db, executions, guardrails, llm  # noqa: E402
 from core.config import PROJECT_ROOT, Settings, load_settings  # noqa: E402
 from core.executions import Origin  # noqa: E402
-from core.llm import GenerationParams  # noqa: E402
 from core.model_files import ensure_default_model  # noqa: E402
 
 ROUNDS = 8
@@ -72,7 +71,7 @@ def run(pool, backend, settings) -> None:
         conversations.send_message(pool, backend, settings, users[0], f"m{i}")
     seq_rate = n / (time.perf_counter() - started)
     started = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         executions.record(pool, origin=Origin("bench"), status="blocked", messages=[{"role": "user", "content": "x"}])
     base_rate = n / (time.perf_counter() - started)
 

@@ -136,7 +136,8 @@ def main() -> None:
         print(f"naive loop, fresh model state per item: {naive_s:.1f} s ({naive_s / ITEMS:.3f} s per item)")
         print(f"promptdev run (ordered work items, prefix reuse, ledger, evaluators): {ours_s:.1f} s "
               f"({ours_s / ITEMS:.3f} s per item)")
-        print(f"speed-up: {naive_s / ours_s:.2f}x (target >= {TARGET:.0f}x: {'met' if naive_s / ours_s >= TARGET else 'MISSED'})")
+        verdict = "met" if naive_s / ours_s >= TARGET else "MISSED"
+        print(f"speed-up: {naive_s / ours_s:.2f}x (target >= {TARGET:.0f}x: {verdict})")
         first = bench_settings.eval_batch
         if ITEMS > first:  # the first batch of ours is cold (nothing cached yet) and carries the run's creation
             steady = sum(naive_items[first:]) / sum(ours_items[first:])

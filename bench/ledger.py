@@ -96,7 +96,7 @@ def main() -> None:
         # Real generations through the ledger: how much of the wall time is the recording?
         shares, walls = [], []
         short = GenerationParams(max_tokens=16, seed=7, temperature=0.7)
-        for i in range(args.generations):
+        for _ in range(args.generations):
             started = time.perf_counter()
             run = executions.start(pool, backend, origin=Origin("bench"), params=short, messages=MESSAGES)
             run.read()

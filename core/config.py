@@ -212,7 +212,7 @@ def _check_base_url(url: str) -> None:
     """An origin: http(s)://host[:port], with no user, path, query or fragment."""
     parts = urllib.parse.urlsplit(url)
     try:
-        parts.port
+        _ = parts.port  # raises on a port that is not a number in range
     except ValueError:
         raise SettingsError(f"PROMPTDEV_BASE_URL: bad port in {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \

@@ -35,7 +35,7 @@ def seed_rows(n: int, *, start: datetime | None = None, span_hours: float = 96, 
     rng = random.Random(rng_seed)
     start = start or datetime(2025, 3, 1, tzinfo=UTC)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         created = start + timedelta(seconds=rng.uniform(0, span_hours * 3600))
         status = rng.choices(("ok", "error", "blocked", "cancelled"), weights=(85, 8, 4, 3))[0]
         ok = status == "ok"
