@@ -323,7 +323,8 @@ def sql_tab(board: Analytics) -> None:
                             placeholder="SELECT model_name, count(*) AS n FROM executions GROUP BY 1")
     q1, q2, q3 = st.columns([1, 1, 3], vertical_alignment="bottom")
     limit = q1.number_input("Row limit", 1, 100_000, 1000, key="analytics.sql.limit")
-    time_limit = q2.number_input("Time limit (s)", 1, 300, 10, key="analytics.sql.time_limit")
+    time_limit = q2.number_input("Time limit (s)", 1, int(analytics.MAX_TIME_LIMIT_S), 10,
+                                 key="analytics.sql.time_limit")
     if q3.button("Run", key="analytics.sql.run", type="primary"):
         st.session_state.pop(KEY_SQL_RESULT, None)
         with glue.reported():

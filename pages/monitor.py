@@ -446,8 +446,6 @@ ss = st.session_state
 widgets.carry_over()
 
 note, toggle = st.columns([5, 1], vertical_alignment="bottom")
-if operator == "anonymous":
-    note.caption("Interventions are recorded as **anonymous** — put your name in the sidebar.")
 live = toggle.toggle("Live", value=True, key=KEY_LIVE, help=f"Refresh every {REFRESH_S} s while this page is open")
 refresh = REFRESH_S if live else None
 

@@ -59,7 +59,7 @@ def create_form(actor: accounts.User) -> None:
             with glue.reported():
                 created = accounts.create_user(pool, actor, username, password, display_name=display_name,
                                                is_admin=is_admin)
-                widgets.flash("success", f"Created `{created.username}`")
+                widgets.flash("success", f"Created {widgets.code_span(created.username)}")
                 widgets.rerun_with(**{f"{KEY_PREFIX}create.username": "", f"{KEY_PREFIX}create.display_name": "",
                                       f"{KEY_PREFIX}create.password": "", f"{KEY_PREFIX}create.admin": False})
 
@@ -77,19 +77,19 @@ def manage_form(actor: accounts.User, users: list[accounts.User]) -> None:
         if left.button("Deactivate", key=f"{KEY_PREFIX}manage.deactivate", help="Signs them out everywhere"):
             with glue.reported():
                 accounts.deactivate_user(pool, actor, name)
-                widgets.flash("success", f"Deactivated `{name}`")
+                widgets.flash("success", f"Deactivated {widgets.code_span(name)}")
                 st.rerun()
     elif left.button("Reactivate", key=f"{KEY_PREFIX}manage.activate"):
         with glue.reported():
             accounts.activate_user(pool, actor, name)
-            widgets.flash("success", f"Reactivated `{name}`")
+            widgets.flash("success", f"Reactivated {widgets.code_span(name)}")
             st.rerun()
     with right.form(f"{KEY_PREFIX}reset", clear_on_submit=True):
         new = st.text_input("New password", type="password", key=f"{KEY_PREFIX}reset.password")
         if st.form_submit_button("Reset password"):
             with glue.reported():
                 accounts.reset_password(pool, actor, name, new)
-                widgets.flash("success", f"New password set for `{name}`; their sessions were ended")
+                widgets.flash("success", f"New password set for {widgets.code_span(name)}; their sessions were ended")
                 st.rerun()
 
 
