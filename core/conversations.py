@@ -12,9 +12,20 @@ One conversation per user id. The flow of one message (`stream_message`, `send_m
 3. Assemble the context: the user's memory and the recent history (user messages, replies and operator
    injections), fitted to the model's context window by token count, most recent kept; render the assigned template
    version with `user_id`, `message`, `user_context`, `conversation_history` and every memory key.
-4. Generate through the ledger (`core.executions`), check output guardrails, store the reply, return it. A halt
-   issued after the message was stored but before its reply began (it waited for the shared model behind other
-   replies) stops the model at its first token: the user gets PAUSED_REPLY and nothing the model said.
+4. Generate through the ledger (`core.executions`), check output guardrails, store the reply, return it.
+
+Halts and replies — the rule: a halt committed before a reply is stored withholds that reply, so nothing the model
+says reaches the user after a halt. It holds by the database, not by timing. Every halt (operator or guardrail) takes
+the conversation's row lock and is audited; the transaction that stores the user message notes the newest audit
+entry (`audit_mark`); the reply is stored in a transaction that takes the same row lock and looks for a halt audited
+after that mark — if there is one (even one resumed since), the reply is withheld: stored as kind 'paused' with
+PAUSED_REPLY, the user message left out of later contexts, the execution's `error` in the ledger saying the reply
+was withheld (its output stays there as the model produced it, redacted as usual). While a reply streams, each chunk
+is released only after the same check found no halt (one query on a pooled connection, never held while the model
+generates), and a halt found stops the model. The one exception is what was released before the halt committed:
+the user keeps seeing those chunks, followed by PAUSED_REPLY as the stream's last chunk (after a blank line), until
+the Chat page is next drawn from the database, where PAUSED_REPLY stands in their place. When the check cannot reach
+the database, the rest of the reply is held back and released (or withheld) once the reply is stored.
 
 While output rules that block, redact or halt apply to a conversation, a streamed reply is checked before any of it
 is sent (it arrives as one chunk); otherwise it streams token by token. The ledger keeps the model's output as
@@ -67,6 +78,7 @@ _MEMORY_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 SORTS = {"last_activity": "c.last_activity", "user": "c.user_id", "messages": "message_count",
          "flagged": "flagged_count", "events": "event_count", "state": "c.state", "created": "c.created_at"}
 GUARDRAIL_OPERATOR = "guardrail"
+HALT_CHECK_TIMEOUT_S = 1.0  # how long a streamed chunk waits for a connection to check for a halt before being held
 RETENTION_INTERVAL_S = 3600
 
 DEFAULT_TEMPLATE_MESSAGES = [
@@ -250,19 +262,65 @@ def check_user_id(user_id: Any) -> str:
     return user_id
 
 
+def nul_at(value: Any) -> str | None:
+    """Where a JSON value holds a NUL character (\\x00), which PostgreSQL cannot store in text or jsonb: '' for the
+    value itself, a path like `["notes"][2]` inside it (`… (a key)` for a key), None when there is none."""
+    if isinstance(value, str):
+        return "" if "\x00" in value else None
+    steps = _nul_steps(value)
+    if steps is None:
+        return None
+    path = "".join(f"[{json.dumps(s, ensure_ascii=False) if isinstance(s, str) else s}]" for s in steps[:-1])
+    return path + " (a key)" if steps[-1] == "key" else path
+
+
+def _nul_steps(value: Any) -> list | None:
+    """The keys and indexes down to a NUL character (ending 'key' when a key holds it, else 'value'), or None."""
+    if isinstance(value, Mapping):
+        pairs = value.items()
+    elif isinstance(value, (list, tuple)):
+        pairs = enumerate(value)
+    else:
+        return None
+    for key, item in pairs:
+        if isinstance(key, str) and "\x00" in key:
+            return [key, "key"]
+        if isinstance(item, str):
+            if "\x00" in item:
+                return [key, "value"]
+        elif isinstance(item, (Mapping, list, tuple)):
+            found = _nul_steps(item)
+            if found is not None:
+                return [key, *found]
+    return None
+
+
+def nul_message(what: str, where: str = "") -> str:
+    """The one line that refuses a NUL character: '<what> contains a NUL character (\\x00)[ at …], which cannot be
+    stored' (datasets and templates say it the same way)."""
+    return f"{what} contains a NUL character (\\x00){' at ' + where if where else ''}, which cannot be stored"
+
+
+def _check_no_nul(value: Any, what: str) -> Any:
+    where = nul_at(value)
+    if where is not None:
+        raise ConversationError(nul_message(what, where))
+    return value
+
+
 def _check_text(text: Any, what: str = "message") -> str:
     if not isinstance(text, str) or not text.strip():
         raise ConversationError(f"the {what} is empty")
     if len(text) > MAX_MESSAGE_CHARS:
         raise ConversationError(f"the {what} is longer than {MAX_MESSAGE_CHARS:,} characters")
-    return text.strip()
+    return _check_no_nul(text.strip(), f"the {what}")
 
 
 def _check_operator(operator: Any) -> str:
     operator = operator.strip() if isinstance(operator, str) else ""
     if not operator:
         raise ConversationError("an operator name is required")
-    return operator[:200]
+    return _check_no_nul(operator[:200], "the operator name")
 
 
 def check_memory_key(key: Any) -> str:
@@ -380,7 +438,8 @@ def find_conversation(pool: ConnectionPool, user_id: str) -> Conversation | None
 # ---- operator actions --------------------------------------------------------------------------------------------
 
 def halt_conversation(pool: ConnectionPool, user_id: str, reason: str, operator: str) -> Conversation:
-    """Halt a conversation: from the very next user message on, the model is not asked until it is resumed."""
+    """Halt a conversation: from the very next user message on, the model is not asked until it is resumed, and
+    a reply not stored yet is withheld (the user gets the paused notice; the module's docstring gives the rule)."""
     user_id, operator = check_user_id(user_id), _check_operator(operator)
     reason = _check_text(reason, "reason for the halt")
     with pool.connection() as conn, conn.transaction():
@@ -473,6 +532,8 @@ def set_memory(pool: ConnectionPool, user_id: str, key: str, value: Any, *, oper
     """Set one memory key to a JSON value (creating the user's conversation if needed); audited when an operator
     is named."""
     user_id, key, value = check_user_id(user_id), check_memory_key(key), _json_value(value)
+    _check_no_nul(value, f"the value of memory key {key!r}")
+    operator = _check_operator(operator) if operator else ""
     with pool.connection() as conn, conn.transaction():
         conv = _lock(conn, user_id, create=True)
         old = conn.execute("SELECT value FROM conversation_memory WHERE conversation_id = %s AND key = %s",
@@ -483,13 +544,14 @@ def set_memory(pool: ConnectionPool, user_id: str, key: str, value: Any, *, oper
                SET value = EXCLUDED.value, updated_by = EXCLUDED.updated_by, updated_at = clock_timestamp()""",
             (conv.id, key, jsonb(value), operator or ""))
         if operator:
-            _audit(conn, conv.id, "set_memory", _check_operator(operator),
-                   detail={"key": key, "from": old[0] if old else None, "to": value})
+            _audit(conn, conv.id, "set_memory", operator, detail={"key": key, "from": old[0] if old else None,
+                                                                  "to": value})
 
 
 def delete_memory(pool: ConnectionPool, user_id: str, key: str, *, operator: str = "") -> None:
     """Delete one memory key; LookupError when it is not set. Audited when an operator is named."""
-    user_id = check_user_id(user_id)
+    user_id, key = check_user_id(user_id), _check_no_nul(key, "the memory key")
+    operator = _check_operator(operator) if operator else ""
     with pool.connection() as conn, conn.transaction():
         conv = _lock(conn, user_id, create=False)
         old = None if conv is None else conn.execute(
@@ -498,7 +560,7 @@ def delete_memory(pool: ConnectionPool, user_id: str, key: str, *, operator: str
         if old is None:
             raise ConversationNotFound(f"user {user_id!r} has no memory key {key!r}")
         if operator:
-            _audit(conn, conv.id, "delete_memory", _check_operator(operator), detail={"key": key, "from": old[0]})
+            _audit(conn, conv.id, "delete_memory", operator, detail={"key": key, "from": old[0]})
 
 
 def format_memory(memory: Mapping[str, Any]) -> str:
@@ -683,19 +745,26 @@ def ledger_output(rules: Sequence[guardrails.Rule], output: str | None, template
     return guardrails.check(redacting, output, "output", template_name).text if redacting else output
 
 
+# How a withheld reply is stored (MessageStream._store's arguments): the paused notice, out of later contexts.
+_WITHHELD = {"kind": "paused", "content": PAUSED_REPLY, "status": "paused", "in_context": False,
+             "withdraw_message": True, "ledger_output": None}
+
+
 class MessageStream:
     """A reply being produced for one stored user message: iterate it for text chunks (hand it to
     `st.write_stream` inside `with stream:`). When it ends — or is closed early, which stops the model and keeps what
-    was produced — the reply is stored and `reply` is set."""
+    was produced — the reply is stored and `reply` is set. A halt committed before the reply is stored withholds it
+    (the module's docstring gives the rule); `shown` is what was released to the user before that."""
 
     def __init__(self, pool: ConnectionPool, backend: Backend, settings: Settings, conv: Conversation,
                  user_message_id: int, user_seq: int, text: str, input_check: guardrails.Check,
                  rules: list[guardrails.Rule], refusal: str | None, reason: str, overrides: Mapping[str, Any],
-                 context_budget: int | None):
+                 context_budget: int | None, *, audit_mark: int):
         self.pool, self.backend, self.settings = pool, backend, settings
         self.conversation = conv
         self.user_id = conv.user_id
         self.user_message_id, self.user_seq = user_message_id, user_seq
+        self.audit_mark = audit_mark  # the newest audit entry when the message was stored: halts after it withhold
         self.text = text  # the message as stored (after redaction)
         self.input_check = input_check
         self.rules = rules
@@ -705,7 +774,8 @@ class MessageStream:
         self.run: executions.ExecutionRun | None = None
         self.reply: Reply | None = None
         self.context_messages = self.context_dropped = 0
-        self.withheld: str | None = None  # the halt reason when a halt came before the reply began
+        self.withheld: str | None = None  # the reason of the halt that withholds the reply
+        self.shown = ""  # the chunks released to the user
         self._chunks = self._flow()
 
     # -- iteration
@@ -752,35 +822,51 @@ class MessageStream:
             yield self._fail_before_model(exc)
             return
         buffered = self.buffered
+        checked = held = False  # held: the halt check failed, the rest waits for the store to decide
         try:
             with self.run:
-                first = True
                 for chunk in self.run:
-                    if first:
-                        # The model is ours now (it may have been busy with other replies for a while): a halt
-                        # issued since the message was stored stops this reply before any of it is sent.
-                        first = False
-                        self.withheld = self._halted_meanwhile()
-                        if self.withheld is not None:
-                            break  # leaving `with` stops the model; the ledger records the run as cancelled
+                    # Each chunk is released only once no halt is found (for a buffered reply, which releases
+                    # nothing before it is stored, the first check just stops the model early). The model may have
+                    # been busy with other replies for a while: a halt issued meanwhile stops this one at once.
+                    if held or (buffered and checked):
+                        continue
+                    checked = True
+                    try:
+                        self.withheld = self._halted_since_stored(timeout=HALT_CHECK_TIMEOUT_S)
+                    except psycopg.OperationalError as exc:  # the database is unreachable: nothing more is shown
+                        log.warning("chat for %s: holding the reply back, no halt check: %s", self.user_id,
+                                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        held = True
+                        continue
+                    if self.withheld is not None:
+                        break  # leaving `with` stops the model; the ledger records the run as cancelled
                     if not buffered:
+                        self.shown += chunk
                         yield chunk
         except GenerationError:
             pass  # the ledger has it as status 'error'
         finally:
             self.reply = self._store_generated()
-        if self.reply.status == "error" or buffered or self.reply.status in ("blocked", "paused"):
-            if self.reply.text:
-                yield self.reply.text
+        text = self.reply.text
+        if self.reply.status == "ok":  # what was held back: all of it when buffered
+            text = text[len(self.shown):] if text.startswith(self.shown) else ""
+        elif self.shown and text:
+            text = "\n\n" + text  # the notice after what was shown before the halt (or the failure)
+        if text and self.reply.status != "cancelled":
+            yield text
 
-    def _halted_meanwhile(self) -> str | None:
-        """The halt reason if the conversation has been halted since this message was stored, else None."""
-        with self.pool.connection() as conn:
-            row = conn.execute("SELECT state, halted_reason FROM conversations WHERE id = %s",
-                               (self.conversation.id,)).fetchone()
-        if row is None or row[0] != "halted":
-            return None
-        return row[1] or "halted"
+    def _halted_since_stored(self, conn: psycopg.Connection | None = None, *,
+                             timeout: float | None = None) -> str | None:
+        """The reason of the first halt audited since this message was stored, else None (a resume since does not
+        undo it). Every halt takes the conversation's row lock, so under that lock the answer is final."""
+        if conn is None:
+            with self.pool.connection(timeout=timeout) as own:
+                return self._halted_since_stored(own)
+        row = conn.execute(
+            "SELECT reason FROM conversation_interventions WHERE conversation_id = %s AND action = 'halt' "
+            "AND id > %s ORDER BY id LIMIT 1", (self.conversation.id, self.audit_mark)).fetchone()
+        return None if row is None else row[0] or "halted"
 
     def _start(self) -> executions.ExecutionRun:
         """Steps 3-4: memory and history, template rendered to fit, the ledger run begun (not yet iterated)."""
@@ -836,43 +922,46 @@ class MessageStream:
                                      variables={"message": self.text}),
             status="error", messages=[{"role": "user", "content": self.text}], error=error)
         message_id = self._store(kind="error", content=ERROR_REPLY, status="error", execution_id=execution_id,
-                                 in_context=False)
-        self.reply = Reply(ERROR_REPLY, "error", self.user_message_id, message_id, execution_id,
-                           self.input_check.hits, self.input_check.flagged, error=error)
-        return ERROR_REPLY
+                                 in_context=False, withheld=_WITHHELD)
+        if self.withheld is not None:
+            self.reply = Reply(PAUSED_REPLY, "paused", self.user_message_id, message_id, execution_id,
+                               self.input_check.hits, self.input_check.flagged, error=withheld_error(self.withheld))
+        else:
+            self.reply = Reply(ERROR_REPLY, "error", self.user_message_id, message_id, execution_id,
+                               self.input_check.hits, self.input_check.flagged, error=error)
+        return self.reply.text
 
     def _store_generated(self) -> Reply:
-        """Step 5: output guardrails on what the model produced, the reply stored, hits recorded."""
+        """Step 5: output guardrails on what the model produced, the reply stored (withheld if a halt came first),
+        hits recorded."""
         run = self.run
         execution_id, status = run.execution_id, run.status or "cancelled"
+        raw = run.raw_output
+        redacted = ledger_output(self.rules, raw, self.template_name)
+        withheld = {**_WITHHELD, "ledger_output": redacted if redacted != raw else None}
+        hits: tuple[guardrails.Hit, ...] = ()
+        flagged, error = False, None
         if status == "error":
-            message_id = self._store(kind="error", content=ERROR_REPLY, status="error", execution_id=execution_id,
-                                     in_context=False)
-            return Reply(ERROR_REPLY, "error", self.user_message_id, message_id, execution_id,
-                         self.input_check.hits, self.input_check.flagged, error=run.error,
-                         context_messages=self.context_messages, context_dropped=self.context_dropped)
-        if self.withheld is not None:  # halted while the reply waited for the model: paused, nothing sent
-            error = f"conversation paused: {self.withheld}"
-            redacted = ledger_output(self.rules, run.raw_output, self.template_name)
-            message_id = self._store(kind="paused", content=PAUSED_REPLY, status="paused", execution_id=execution_id,
-                                     in_context=False, withdraw_message=True, ledger_error=error,
-                                     ledger_output=redacted if redacted != run.raw_output else None)
-            return Reply(PAUSED_REPLY, "paused", self.user_message_id, message_id, execution_id,
-                         self.input_check.hits, self.input_check.flagged, error=error,
-                         context_messages=self.context_messages, context_dropped=self.context_dropped)
-        out = guardrails.check(self.rules, run.raw_output, "output", self.template_name)
-        halt_reason = None
-        if out.halted:
-            kind, text, status, in_context, halt_reason = "paused", PAUSED_REPLY, "paused", False, out.reason()
-        elif out.blocked:
-            kind, text, status, in_context = "blocked", BLOCKED_OUTPUT_REPLY, "blocked", False
+            text, error = ERROR_REPLY, run.error
+            plan = {"kind": "error", "content": text, "status": "error", "in_context": False}
         else:
-            kind, text, in_context = "reply", out.text, bool(out.text.strip())
-        message_id = self._store(kind=kind, content=text, status=status, execution_id=execution_id,
-                                 in_context=in_context, flagged=out.flagged, hits=out.hits, halt_reason=halt_reason,
-                                 ledger_output=out.text if out.redacted else None)
+            out = guardrails.check(self.rules, raw, "output", self.template_name)
+            hits, flagged = out.hits, out.flagged
+            plan = {"flagged": flagged, "hits": hits, "ledger_output": out.text if out.redacted else None}
+            if out.halted:
+                text, status = PAUSED_REPLY, "paused"
+                plan.update(kind="paused", content=text, status=status, in_context=False, halt_reason=out.reason())
+            elif out.blocked:
+                text, status = BLOCKED_OUTPUT_REPLY, "blocked"
+                plan.update(kind="blocked", content=text, status=status, in_context=False)
+            else:
+                text = out.text
+                plan.update(kind="reply", content=text, status=status, in_context=bool(text.strip()))
+        message_id = self._store(execution_id=execution_id, withheld=withheld, **plan)
+        if self.withheld is not None:
+            text, status, hits, flagged, error = PAUSED_REPLY, "paused", (), False, withheld_error(self.withheld)
         return Reply(text, status, self.user_message_id, message_id, execution_id,
-                     self.input_check.hits + out.hits, self.input_check.flagged or out.flagged,
+                     self.input_check.hits + hits, self.input_check.flagged or flagged, error=error,
                      context_messages=self.context_messages, context_dropped=self.context_dropped)
 
     def _store_unstarted(self) -> None:
@@ -883,15 +972,25 @@ class MessageStream:
     def _store(self, *, kind: str, content: str, status: str, execution_id: int | None, in_context: bool,
                flagged: bool = False, hits: Sequence[guardrails.Hit] = (), halt_reason: str | None = None,
                ledger_output: str | None = None, withdraw_message: bool = False,
-               ledger_error: str | None = None) -> int:
+               ledger_error: str | None = None, withheld: Mapping[str, Any] | None = None) -> int:
         """Store the reply in order, link the input hits to the execution, record output hits, halt if asked; with
         `ledger_output`, make sure the execution's recorded output is the redacted one (in the same transaction);
         `withdraw_message` leaves the user message out of later contexts (it was paused after it was stored);
-        `ledger_error` says in the execution's record why its run was stopped."""
+        `ledger_error` says in the execution's record why its run was stopped. With `withheld` (the same arguments
+        for a withheld reply), a halt audited since the message was stored — looked for under the row lock every
+        halt takes, so none can slip in before this commits — stores that instead and sets `self.withheld`."""
         with self.pool.connection() as conn, conn.transaction():
             conv = _lock(conn, self.user_id, create=False)
             if conv is None:  # purged while the reply was generated: nothing to attach it to
                 raise ConversationNotFound(f"the conversation of {self.user_id!r} was deleted while replying")
+            if withheld is not None:
+                reason = self._halted_since_stored(conn)
+                if reason is not None:
+                    self.withheld = reason
+                    kind, content, status, in_context = (withheld["kind"], withheld["content"], withheld["status"],
+                                                         withheld["in_context"])
+                    withdraw_message, ledger_output = withheld["withdraw_message"], withheld["ledger_output"]
+                    flagged, hits, halt_reason, ledger_error = False, (), None, withheld_error(reason)
             if withdraw_message:
                 conn.execute("UPDATE conversation_messages SET in_context = false WHERE id = %s",
                              (self.user_message_id,))
@@ -915,6 +1014,11 @@ class MessageStream:
         _observe(hits, template=self.template_name, model=self.backend.name,
                  halted_by=GUARDRAIL_OPERATOR if halting else None)
         return message_id
+
+
+def withheld_error(reason: str) -> str:
+    """What the ledger and the Reply say about a reply withheld by a halt."""
+    return f"reply withheld: the conversation was halted ({reason})"
 
 
 def stream_message(pool: ConnectionPool, backend: Backend, settings: Settings, user_id: str, text: str, *,
@@ -946,10 +1050,13 @@ def stream_message(pool: ConnectionPool, backend: Backend, settings: Settings, u
         if check.halted and not conv.halted:
             _halt(conn, conv.id, reason, GUARDRAIL_OPERATOR, message_id=message_id)
         guardrails.record_hits(conn, check.hits, user_id=user_id, conversation_id=conv.id, message_id=message_id)
+        audit_mark = 0 if refusal is not None else conn.execute(  # under the row lock: every halt comes after it
+            "SELECT coalesce(max(id), 0) FROM conversation_interventions WHERE conversation_id = %s",
+            (conv.id,)).fetchone()[0]
     _observe(check.hits, template=template_name, model=backend.name,
              halted_by=GUARDRAIL_OPERATOR if check.halted and not conv.halted else None)
     return MessageStream(pool, backend, settings, conv, message_id, seq, check.text, check, rules, refusal, reason,
-                         overrides, context_budget)
+                         overrides, context_budget, audit_mark=audit_mark)
 
 
 def send_message(pool: ConnectionPool, backend: Backend, settings: Settings, user_id: str, text: str, *,
@@ -988,7 +1095,7 @@ class Conversations:
         return stream_message(self.pool, self.backend, self.settings, user_id, text, **kw)
 
     def halt_conversation(self, user_id: str, reason: str, operator: str) -> Conversation:
-        """Halt: the very next user message gets the paused reply without the model."""
+        """Halt: the very next user message gets the paused reply without the model; a reply in flight is withheld."""
         return halt_conversation(self.pool, user_id, reason, operator)
 
     def resume_conversation(self, user_id: str, operator: str) -> Conversation:

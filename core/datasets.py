@@ -26,6 +26,7 @@ from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from core import evaluators, executions, untrusted
+from core.conversations import nul_at, nul_message
 from core.db import jsonb
 from core.errors import Conflict, InvalidInput, NotFound
 from core.text import csv_row, csv_unescape
@@ -227,12 +228,16 @@ def make_item(input: Mapping[str, Any] | None = None, expected: Any = None, tags
     data = _json_ok(dict(input), "input")
     if expected is not None and not isinstance(expected, str):
         expected = json.dumps(_json_ok(expected, "expected output"), ensure_ascii=False)
-    if isinstance(expected, str) and "\x00" in expected:
-        raise DatasetError("expected output contains a NUL character")
     meta = {} if metadata is None else metadata
     if type(meta) is not dict and not isinstance(meta, Mapping):
         raise DatasetError(f"metadata must be a JSON object, got {type(meta).__name__}")
     meta = _json_ok(dict(meta), "metadata")
+    tags = clean_tags(tags)
+    for what, value in (("the input", data), ("the expected output", expected), ("the metadata", meta),
+                        *((f"tag {tag!r}", tag) for tag in tags)):
+        where = nul_at(value)  # PostgreSQL stores no NUL in text or jsonb
+        if where is not None:
+            raise DatasetError(nul_message(what, where))
     if "assert" in meta:
         asserts = meta["assert"]
         if isinstance(asserts, (str, Mapping)):
@@ -242,7 +247,7 @@ def make_item(input: Mapping[str, Any] | None = None, expected: Any = None, tags
         meta["assert"] = [e.to_dict() for e in evaluators.parse_all(asserts, allow_unsupported=True)]
         if not meta["assert"]:
             del meta["assert"]
-    return ItemInput(data, expected, clean_tags(tags), meta)
+    return ItemInput(data, expected, tags, meta)
 
 
 def _as_item(value: ItemInput | Mapping[str, Any]) -> ItemInput:

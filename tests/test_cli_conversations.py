@@ -124,3 +124,19 @@ def test_guardrail_commands(run, pool, backend, settings):
     code, _, err = run("guardrails", "delete", "emails")
     assert code == 1 and "no guardrail rule named 'emails'" in err
     assert len(guardrails.list_events(pool)) == 1  # events outlive their rule
+
+
+def test_memory_values_with_nul_characters_are_refused_in_one_line(run, pool):
+    """A NUL can only come in as a JSON escape on the command line; PostgreSQL cannot store it: exit 1, one line."""
+    assert run("conversations", "memory", "set", "nel", "name", '"Nel"')[0] == 0
+    for value, where in [('"a\\u0000b"', ""), ('["tea", "ca\\u0000ke"]', " at [1]"),
+                         ('{"pets": [{"name": "Rex\\u0000"}]}', ' at ["pets"][0]["name"]'),
+                         ('{"b\\u0000d": 2}', ' at ["b\\u0000d"] (a key)')]:
+        code, out, err = run("conversations", "memory", "set", "nel", "name", value)
+        assert (code, out) == (1, "")
+        assert err == (f"promptdev: the value of memory key 'name' contains a NUL character (\\x00){where}, "
+                       f"which cannot be stored\n")
+    code, _, err = run("conversations", "inject", "nel", "be \\u0000 nice")  # plain text: no JSON escapes, stored
+    assert code == 0 and err == ""
+    assert conversations.get_memory(pool, "nel") == {"name": "Nel"}
+    assert [i.action for i in conversations.list_interventions(pool, "nel")] == ["set_memory", "inject"]

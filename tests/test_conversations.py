@@ -3,9 +3,10 @@ concurrency, streaming, context trimming, retention and the dashboard figures.""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
@@ -13,6 +14,7 @@ from dataclasses import replace
 import pytest
 
 from core import conversations, executions, status, templates
+from core.errors import InvalidInput
 
 FAST = {"max_tokens": 6, "temperature": 0.0, "seed": 7}
 TINY = {"max_tokens": 2, "temperature": 0.0, "seed": 1}
@@ -101,6 +103,7 @@ def test_bad_input_is_refused_and_nothing_is_stored(pool, backend, settings):
         ("ann", "x" * (conversations.MAX_MESSAGE_CHARS + 1), None, "longer than"),
         ("ann", "hi", {"max_tokens": 0}, "max_tokens"),
         ("ann", "hi", {"bogus": 1}, "unknown parameter"),
+        ("ann", "hi\x00there", None, r"the message contains a NUL character \(\\x00\), which cannot be stored"),
     ]:
         with pytest.raises(conversations.ConversationError, match=message) as info:
             conversations.send_message(pool, backend, settings, user, text, params=params)
@@ -211,6 +214,29 @@ def test_memory_is_json_and_reaches_the_template(pool, backend, settings):
             if i.action != "assign_template"] == [("set_memory", "favourite_food"), ("delete_memory", "age")]
 
 
+def test_nul_characters_in_memory_are_refused_with_one_clear_line(pool):
+    """PostgreSQL stores no NUL in text or jsonb ("unsupported Unicode escape sequence"): refused before it is sent,
+    wherever it hides in the value, as the chat refuses it in a message."""
+    conversations.set_memory(pool, "nel", "name", "Nel")
+    for value, where in [("a\x00b", ""), (["tea", "ca\x00ke"], " at [1]"),
+                         ({"pets": [{"name": "Rex\x00"}]}, ' at ["pets"][0]["name"]'),
+                         ({"ok": 1, "b\x00d": 2}, ' at ["b\\u0000d"] (a key)'),
+                         (conversations.parse_json_value('"x\\u0000y"'), "")]:
+        with pytest.raises(conversations.ConversationError) as info:
+            conversations.set_memory(pool, "nel", "name", value, operator="ops")
+        assert str(info.value) == (f"the value of memory key 'name' contains a NUL character (\\x00){where}, "
+                                   f"which cannot be stored")
+        assert isinstance(info.value, InvalidInput) and "\x00" not in str(info.value)
+    with pytest.raises(conversations.ConversationError, match="the operator name contains a NUL character"):
+        conversations.set_memory(pool, "nel", "name", "Nel", operator="o\x00ps")
+    with pytest.raises(conversations.ConversationError, match="the injected message contains a NUL character"):
+        conversations.inject_message(pool, "nel", "be \x00 nice", "ops")
+    assert conversations.get_memory(pool, "nel") == {"name": "Nel"}  # nothing changed
+    assert conversations.list_interventions(pool, "nel") == []
+    conversations.set_memory(pool, "nel", "name", "back\\u0000slash")  # the six characters, not a NUL: stored
+    assert conversations.get_memory(pool, "nel") == {"name": "back\\u0000slash"}
+
+
 # ---- halt / resume / inject ---------------------------------------------------------------------------------------
 
 def test_halt_pauses_without_the_model_and_resume_restores(pool, backend, settings):
@@ -258,7 +284,7 @@ def test_injection_reaches_the_model_from_its_next_turn(pool, backend, settings)
     assert (audit.action, audit.operator, audit.message_id) == ("inject", "ops", message_id)
 
 
-def test_a_halt_issued_mid_stream_stops_the_next_reply(pool, backend, settings):
+def test_a_halt_issued_mid_stream_stops_the_reply_and_the_next_one(pool, backend, settings):
     conversations.send_message(pool, backend, settings, "hal", "hi", params=TINY)
     stream = conversations.stream_message(pool, backend, settings, "hal", "Tell me a long story",
                                           params={"max_tokens": 40, "temperature": 0.0, "seed": 1})
@@ -274,15 +300,22 @@ def test_a_halt_issued_mid_stream_stops_the_next_reply(pool, backend, settings):
                 paused = future.result(timeout=30)
             except FutureTimeout:
                 pytest.fail("the message sent after the halt waited for the model instead of being paused")
-            rest = "".join(stream)
+            rest = list(stream)
     finally:
         stream.close()  # releases the model should the halt have been ignored, so the test fails, not hangs
         ex.shutdown(wait=True)
     assert paused.paused and executions.get_execution(pool, paused.execution_id).model_name == "none"
-    assert stream.reply.status == "ok" and stream.reply.text == first + rest
-    kinds = [(m.role, m.kind) for m in conversations.list_messages(pool, "hal")]
-    assert kinds == [("user", "message"), ("assistant", "reply"), ("user", "message"), ("user", "message"),
-                     ("assistant", "paused"), ("assistant", "reply")]
+    # nothing more of the model's reply came after the halt: the chunk shown before it, then the paused notice
+    assert rest == ["\n\n" + conversations.PAUSED_REPLY] and stream.shown == first
+    assert stream.reply.paused and "operator watching" in stream.reply.error and "withheld" in stream.reply.error
+    row = executions.get_execution(pool, stream.reply.execution_id)
+    assert row.status == "cancelled" and row.output.startswith(first) and "withheld" in row.error
+    messages = conversations.list_messages(pool, "hal")
+    assert [(m.role, m.kind) for m in messages] == [
+        ("user", "message"), ("assistant", "reply"), ("user", "message"), ("user", "message"),
+        ("assistant", "paused"), ("assistant", "paused")]
+    story, answer = messages[2], messages[-1]
+    assert answer.reply_to == story.id and answer.content == conversations.PAUSED_REPLY and not story.in_context
 
 
 def test_a_halt_stops_a_reply_still_waiting_for_the_model(pool, backend, settings):
@@ -316,6 +349,104 @@ def test_a_halt_stops_a_reply_still_waiting_for_the_model(pool, backend, setting
     conversations.resume_conversation(pool, "queued", "ops")
     later = conversations.send_message(pool, backend, settings, "queued", "hello again", params=TINY)
     assert later.status == "ok" and "are you there?" not in ledger_text(pool, later.execution_id)
+
+
+def _lock_waiters(pool) -> int:
+    with pool.connection() as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'").fetchone()[0]
+
+
+def test_a_halt_committed_before_the_reply_is_stored_withholds_it(pool, backend, settings):
+    """The reply has streamed in full, but an operator's halt commits before it is stored: withheld all the same.
+    The conversation's row lock is held here so the halt lands exactly in that gap."""
+    stream = conversations.stream_message(pool, backend, settings, "late", "Tell me a story", params=FAST)
+    conv = conversations.get_conversation(pool, "late")
+    chunks: list[str] = []
+    consumer = threading.Thread(target=lambda: chunks.extend(stream))
+    with pool.connection() as conn:
+        with conn.transaction():
+            conn.execute("SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (conv.id,))
+            consumer.start()
+            deadline = time.monotonic() + 120
+            while _lock_waiters(pool) == 0:  # the model is done; storing the reply waits for the row lock
+                assert consumer.is_alive() and time.monotonic() < deadline, "the reply was stored without the lock"
+                time.sleep(0.05)
+            conversations._halt(conn, conv.id, "too late", "ops")  # what halt_conversation does under the lock
+    consumer.join(60)
+    assert not consumer.is_alive()
+    reply, shown = stream.reply, stream.shown
+    assert shown and chunks == [*chunks[:-1], "\n\n" + conversations.PAUSED_REPLY] and "".join(chunks[:-1]) == shown
+    assert reply.paused and reply.text == conversations.PAUSED_REPLY and "too late" in reply.error
+    row = executions.get_execution(pool, reply.execution_id)
+    assert row.status == "ok" and row.output == shown and row.error == conversations.withheld_error("too late")
+    question, answer = conversations.list_messages(pool, "late")
+    assert (answer.kind, answer.status, answer.content) == ("paused", "paused", conversations.PAUSED_REPLY)
+    assert not question.in_context
+    [halt] = conversations.list_interventions(pool, "late")
+    assert halt.created_at < answer.created_at
+
+
+def _race(pool, backend, settings, user: str, params: dict, reason: str, delay: float):
+    """Stream a reply in one thread while another halts the conversation after `delay` seconds: (the stream, the
+    chunks as (time received, chunk), the time the halt had committed)."""
+    stream = conversations.stream_message(pool, backend, settings, user, "Tell me about the sea", params=params)
+    received: list[tuple[float, str]] = []
+    halted_at: list[float] = []
+
+    def consume() -> None:
+        with stream:
+            for chunk in stream:
+                received.append((time.monotonic(), chunk))
+
+    def halt() -> None:
+        time.sleep(delay)
+        conversations.halt_conversation(pool, user, reason, "ops")
+        halted_at.append(time.monotonic())
+
+    threads = [threading.Thread(target=consume), threading.Thread(target=halt)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and halted_at and stream.reply, f"{reason} did not finish"
+    return stream, received, halted_at[0]
+
+
+def test_a_halt_racing_a_reply_comes_after_it_was_stored_or_withholds_it(pool, backend, settings):
+    """Many rounds of a halt at a random moment in another thread while a reply streams: in every round either the
+    halt committed after the reply was stored (delivered), or the reply is withheld — stored as the paused notice,
+    the ledger saying so — and at most the one chunk already cleared when the halt committed reaches the user."""
+    rounds, params = 30, {"max_tokens": 8, "temperature": 0.0, "seed": 3}
+    conversations.send_message(pool, backend, settings, "warm-up", "Tell me about the sea", params=params)
+    started = time.monotonic()
+    conversations.send_message(pool, backend, settings, "warm-up-2", "Tell me about the sea", params=params)
+    span = time.monotonic() - started  # a round's reply, from storing the message to storing the reply
+    rng = random.Random(1234)
+    outcomes: Counter = Counter()
+    for n in range(rounds):
+        user = f"race{n}"
+        stream, received, halted_at = _race(pool, backend, settings, user, params, f"round {n}",
+                                            rng.uniform(0, 1.5 * span))
+        question, answer = conversations.list_messages(pool, user)
+        [halt_entry] = conversations.list_interventions(pool, user)
+        after_halt = [chunk for at, chunk in received if at > halted_at]
+        if answer.kind == "reply":  # delivered: the halt committed after the reply was stored
+            assert halt_entry.created_at > answer.created_at, f"round {n}: stored as delivered after the halt"
+            assert stream.reply.status == "ok" and not after_halt and answer.content == stream.shown
+            outcomes["delivered"] += 1
+            continue
+        assert (answer.kind, answer.status, answer.content) == ("paused", "paused", conversations.PAUSED_REPLY)
+        assert stream.reply.paused and not question.in_context, f"round {n}"
+        assert received[-1][1] in (conversations.PAUSED_REPLY, "\n\n" + conversations.PAUSED_REPLY)
+        assert "".join(chunk for _, chunk in received[:-1]) == stream.shown
+        assert len(after_halt) <= 2, f"round {n}: {after_halt[:-1]} came after the halt"  # ≤ 1 cleared + notice
+        row = executions.get_execution(pool, answer.execution_id)
+        assert row.error == conversations.withheld_error(f"round {n}") and row.output.startswith(stream.shown)
+        outcomes["withheld " + ("before any chunk" if not stream.shown else
+                                "after the whole reply" if row.status == "ok" else "mid-stream")] += 1
+    print(f"halt race over {rounds} rounds (reply ~{span:.2f}s): {dict(outcomes)}")
+    assert outcomes["delivered"] and sum(outcomes.values()) - outcomes["delivered"], dict(outcomes)
 
 
 def test_an_abandoned_stream_releases_the_model_and_keeps_what_was_produced(pool, backend, settings):

@@ -9,6 +9,7 @@ import pytest
 
 from core import datasets, executions
 from core.datasets import make_item
+from core.errors import InvalidInput
 from core.executions import Origin
 
 
@@ -307,3 +308,83 @@ def test_csv_long_cells_import_and_a_broken_row_does_not_drop_the_rest(pool, mon
         csv.field_size_limit(old)
     assert parsed.lines == [2, 4, 5]
     assert [(r.line, "field larger than field limit" in r.reason) for r in parsed.rejected] == [(3, True)]
+
+
+# ---- NUL characters ------------------------------------------------------------------------------------------------
+
+def nul_line(what: str, where: str = "") -> str:
+    return f"{what} contains a NUL character (\\x00){' at ' + where if where else ''}, which cannot be stored"
+
+
+def test_nul_characters_are_refused_in_items_wherever_they_hide(pool):
+    """PostgreSQL stores no NUL in text or jsonb ("unsupported Unicode escape sequence" for a \\u0000 in jsonb):
+    refused with one clear line, in values and keys, nested or not, before anything is written."""
+    datasets.create_dataset(pool, "nul")
+    for args, message in [
+        (({"q": "a\x00b"},), nul_line("the input", '["q"]')),
+        (({"q\x00": "ab"},), nul_line("the input", '["q\\u0000"] (a key)')),
+        (({"q": {"deep": ["ok", {"k": "v\x00"}]}},), nul_line("the input", '["q"]["deep"][1]["k"]')),
+        (({"q": {"de\x00ep": 1}},), nul_line("the input", '["q"]["de\\u0000ep"] (a key)')),
+        (({"q": "ok"}, "exp\x00ected"), nul_line("the expected output")),
+        (({"q": "ok"}, None, ["fine", "t\x00g"]), nul_line("tag 't\\x00g'")),
+        (({"q": "ok"}, None, (), {"src": {"p\x00": 1}}), nul_line("the metadata", '["src"]["p\\u0000"] (a key)')),
+    ]:
+        with pytest.raises(datasets.DatasetError) as info:
+            datasets.add_item(pool, "nul", *args)
+        assert str(info.value) == message and isinstance(info.value, InvalidInput)
+        assert "\x00" not in str(info.value)  # the line itself is printable
+    with pytest.raises(datasets.DatasetError, match=r"item 2: the input contains a NUL character \(\\x00\) at"):
+        datasets.add_items(pool, "nul", [{"input": {"q": "fine"}}, {"input": {"q": "bad\x00"}}])
+    item = datasets.add_item(pool, "nul", {"q": "fine"})
+    with pytest.raises(datasets.DatasetError, match=r"the input contains a NUL character"):
+        datasets.update_item(pool, item.id, input={"q": "edited\x00"})
+    assert [i.input for i in datasets.list_items(pool, "nul")] == [{"q": "fine"}]
+    # a backslash followed by u0000 is six ordinary characters: kept
+    kept = datasets.add_item(pool, "nul", {"q": "back\\u0000slash"}, "\\u0000")
+    assert (kept.input, kept.expected) == ({"q": "back\\u0000slash"}, "\\u0000")
+
+
+NUL_CSV = b"q,expected,tags\nfine,ok,a\nbad\x00q,ok,a\nq2,exp\x00,a\nq3,ok,t\x00g\n"
+NUL_JSONL = "\n".join(json.dumps(record) for record in [
+    {"q": "ok"}, {"q": "a\x00"}, {"input": {"k\x00": 1}}, {"q": {"deep": ["x", "y\x00"]}},
+    {"q": "ok2", "metadata": {"m": "z\x00"}}]).encode()  # json.dumps writes each NUL as \u0000
+
+
+def test_imports_reject_rows_with_nul_characters_by_line(pool):
+    report = datasets.import_file(pool, "csv-nul", NUL_CSV, fmt="csv")
+    assert report.imported == 1 and [(r.line, r.reason) for r in report.rejected] == [
+        (3, nul_line("the input", '["q"]')), (4, nul_line("the expected output")), (5, nul_line("tag 't\\x00g'"))]
+    assert [i.input for i in datasets.list_items(pool, "csv-nul")] == [{"q": "fine"}]
+    header = datasets.parse_file(b"q\x00x,expected\nv,ok\n", fmt="csv")  # a NUL in a column name: every row
+    assert [(r.line, r.reason) for r in header.rejected] == [(2, nul_line("the input", '["q\\u0000x"] (a key)'))]
+
+    assert b"\\u0000" in NUL_JSONL and b"\x00" not in NUL_JSONL
+    report = datasets.import_file(pool, "jsonl-nul", NUL_JSONL, fmt="jsonl")
+    assert report.imported == 1 and [(r.line, r.reason) for r in report.rejected] == [
+        (2, nul_line("the input", '["q"]')), (3, nul_line("the input", '["k\\u0000"] (a key)')),
+        (4, nul_line("the input", '["q"]["deep"][1]')), (5, nul_line("the metadata", '["m"]'))]
+    with pytest.raises(datasets.DatasetError, match=r"4 row\(s\) rejected \(first: line 2: the input contains a NUL"):
+        datasets.import_file(pool, "strict-nul", NUL_JSONL, fmt="jsonl", strict=True)
+    assert [d.name for d in datasets.list_datasets(pool)] == ["jsonl-nul", "csv-nul"]
+
+
+def test_cli_import_of_files_with_nul_characters(app_env, pool, tmp_path, capsys):
+    from core import cli
+
+    def promptdev(*argv):
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    (tmp_path / "nul.csv").write_bytes(NUL_CSV)
+    (tmp_path / "nul.jsonl").write_bytes(NUL_JSONL)
+    in_q = nul_line("the input", '["q"]')
+    code, out, err = promptdev("datasets", "import", "c", tmp_path / "nul.csv")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"line 3: {in_q}", f"line 4: {nul_line('the expected output')}",
+                                "line 5: tag 't\\x00g' contains a NUL character (\\x00), which cannot be stored",
+                                "imported 1 of 4 row(s) into 'c'; 3 rejected"]
+    code, out, err = promptdev("datasets", "import", "j", tmp_path / "nul.jsonl", "--strict")
+    assert code == 1 and out == ""
+    assert err == f"promptdev: 4 row(s) rejected (first: line 2: {in_q}); nothing was imported\n"
+    assert "j" not in [d.name for d in datasets.list_datasets(pool)]
