@@ -51,6 +51,8 @@ class Settings:
     n_batch: int = _setting(64, "prompt batch size (fixed so that cached prefixes never change an output)", min=8)
     eval_batch: int = _setting(4, "evaluation items the in-process model decodes together (1: one at a time)",
                                min=1, max=MAX_EVAL_BATCH)
+    worker_grace_seconds: float = _setting(30.0, "seconds a stopping worker lets work in flight finish before handing "
+                                                 "it back to the queue", min=0)
     max_loaded_models: int = _setting(2, "in-process models kept in memory; one more frees the least recently used",
                                       min=1)
     chat_format: str = _setting("auto", "how chat messages become a prompt", choices=CHAT_FORMATS)

@@ -53,7 +53,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from core import db, executions, guardrails, llm, metrics, status, templates, worker
+from core import db, executions, guardrails, llm, metrics, templates
 from core.chat_formats import ChatFormatError
 from core.config import Settings, load_settings
 from core.db import LockKey, jsonb
@@ -1256,9 +1256,6 @@ def dashboard_figures(conn: psycopg.Connection) -> dict[str, int]:
     return {label: int(value) for label, value in zip(labels, row)}
 
 
-status.register_figures("conversations", dashboard_figures)
-
-
 def overview_figures(pool: ConnectionPool) -> dict[str, int]:
     """The dashboard figures of conversations alone (for the Monitor page)."""
     with pool.connection() as conn:
@@ -1320,8 +1317,9 @@ def scheduled_purge(pool: ConnectionPool, settings: Settings, *, now: float | No
         return _purge(conn, settings.retention_days, "schedule", "")
 
 
-def _retention_source(pool: ConnectionPool, settings: Settings) -> bool:
-    """Worker task source: at most one database check a minute per process, a purge at most once an hour."""
+def run_retention(pool: ConnectionPool, settings: Settings) -> bool:
+    """The worker's task source for PROMPTDEV_RETENTION_DAYS: at most one database check a minute per process, a
+    purge at most once an hour (scheduled_purge); always False (nothing that keeps the worker from idling)."""
     if settings.retention_days <= 0:
         return False
     key = f"{id(pool)}"
@@ -1333,6 +1331,3 @@ def _retention_source(pool: ConnectionPool, settings: Settings) -> bool:
     if counts and counts["conversations"]:
         log.info("retention purge: %s", counts)
     return False
-
-
-worker.register_source("conversations.retention", _retention_source)

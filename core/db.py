@@ -54,7 +54,7 @@ class LockKey(enum.IntEnum):
     MIGRATION = 7_346_221_009      # one-key: one migrator of a database at a time
     MODEL_REGISTRY = 7_346_221_010  # one-key: one registrar of the default model at a time
     RETENTION = 7_346_221_105      # one-key: one scheduled retention purge at a time
-    EXECUTION = 734_622            # two-key class: (EXECUTION, execution id) held by the worker running it
+    WORKER = 734_623               # two-key class: (WORKER, liveness key) held by a worker process while it lives
 
 
 def jsonb(value: Any, *, none_is_null: bool = False) -> Jsonb | None:

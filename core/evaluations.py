@@ -5,10 +5,13 @@ version) pair into a queued *work item* and orders them so that items sharing a 
 (the in-process backend then reuses its cached, block-aligned prefix: faster, and byte-identical to a cold run).
 
 Workers (the app's background thread, `promptdev worker`, the CLI while it waits) claim work items with
-`FOR UPDATE SKIP LOCKED` under a lease that a heartbeat extends; a claim whose worker died expires and the item is
-claimed again. The claim count is a fencing token: a result is written only by the current claim, in the same
+`FOR UPDATE SKIP LOCKED`, recording their process's liveness key (core.liveness): a claim whose worker died is taken
+over at once, as soon as its key's lock is free; a lease that a heartbeat extends remains as a fallback. The claim
+(its worker and attempt count) is a fencing token: a result is written only by the current claim, in the same
 transaction that marks the item done, and the result's primary key is the work item — so no item is lost or
-evaluated twice. Generations go through the execution ledger (source `evaluation`; judges: source `judge`).
+evaluated twice. A result that cannot be written (the database stays away) hands the item back to the queue; a
+stopping worker hands back what it did not finish, without counting the attempt. Generations go through the
+execution ledger (source `evaluation`; judges: source `judge`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from core import evaluators, executions, models, stats
+from core import evaluators, executions, liveness, models, stats
 from core import templates as tmpl  # `templates` is create_run's argument
 from core.config import Settings
 from core.datasets import DatasetNotFound
@@ -38,12 +41,10 @@ from core.errors import Conflict, InvalidInput, NotFound
 from core.evaluators import Evaluator
 from core.executions import Origin
 from core.llm import Backend, GenerationError, GenerationParams
-from core.status import register_figures
-from core.worker import register_source, worker_id
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 60.0          # a claimed item is claimed again by another worker when its lease ran out
+LEASE_S = 60.0          # a claimed item whose worker has no liveness key is claimed again when its lease ran out
 HEARTBEAT_S = 10.0      # how often a working worker extends its lease
 MAX_ATTEMPTS = 3        # claims of one item (each by a worker that died) before it is recorded as failed
 EVAL_DEFAULT_PARAMS = {"seed": 0}   # under the version's own parameters and the run's: reproducible by default
@@ -420,8 +421,8 @@ def cancel_run(pool: ConnectionPool, run_id: int) -> bool:
             raise EvaluationNotFound(f"no evaluation run with id {run_id}")
         if row[0] not in ("queued", "running"):
             return False
-        conn.execute("UPDATE eval_work_items SET status = 'cancelled' WHERE run_id = %s AND (status = 'queued' "
-                     "OR (status = 'running' AND lease_until < now()))", (run_id,))
+        conn.execute(f"UPDATE eval_work_items w SET status = 'cancelled' WHERE w.run_id = %s AND (w.status = 'queued' "
+                     f"OR {_ABANDONED})", (run_id,))
         conn.execute("UPDATE eval_runs SET status = 'cancelled', finished_at = now() WHERE id = %s", (run_id,))
     return True
 
@@ -473,12 +474,12 @@ def progress(pool: ConnectionPool, run_id: int) -> Progress:
         if run is None:
             raise EvaluationNotFound(f"no evaluation run with id {run_id}")
         status, started_at, finished_at, now = run
-        # A claim whose lease ran out (its worker died) counts as queued: another worker will take it.
+        # An abandoned claim (its worker died) counts as queued: another worker will take it.
         counts = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE status = 'done'), "
-            "count(*) FILTER (WHERE status = 'running' AND lease_until >= now()), "
-            "count(*) FILTER (WHERE status = 'queued' OR (status = 'running' AND lease_until < now())), "
-            "count(*) FILTER (WHERE status = 'cancelled') FROM eval_work_items WHERE run_id = %s",
+            "SELECT count(*), count(*) FILTER (WHERE w.status = 'done'), "
+            f"count(*) FILTER (WHERE w.status = 'running' AND NOT {_ABANDONED}), "
+            f"count(*) FILTER (WHERE w.status = 'queued' OR {_ABANDONED}), "
+            "count(*) FILTER (WHERE w.status = 'cancelled') FROM eval_work_items w WHERE w.run_id = %s",
             (run_id,)).fetchone()
         res = conn.execute("SELECT count(*) FILTER (WHERE passed), count(*) FILTER (WHERE error IS NOT NULL), "
                            "max(created_at) FROM eval_results WHERE run_id = %s", (run_id,)).fetchone()
@@ -496,32 +497,42 @@ def progress(pool: ConnectionPool, run_id: int) -> Progress:
 
 # --------------------------------------------------------------------------------------------------------- workers
 
+# A running item that another worker may take over: its worker is gone (its liveness key is free) or its lease ran out.
+_ABANDONED = f"(w.status = 'running' AND (w.lease_until < now() OR {liveness.holder_gone_sql('w.worker_key')}))"
+# An item handed back: queued again (cancelled with its run), its claim cleared.
+_HANDED_BACK = ("status = CASE WHEN r.status = 'cancelled' THEN 'cancelled' ELSE 'queued' END, claimed_by = NULL, "
+                "claimed_at = NULL, lease_until = NULL, worker_key = NULL")
+
 _CLAIM = """
-UPDATE eval_work_items w
-   SET status = 'running', attempts = w.attempts + 1, claimed_by = %(worker)s, claimed_at = now(),
-       lease_until = now() + make_interval(secs => %(lease)s)
-  FROM (SELECT w2.id FROM eval_work_items w2 JOIN eval_runs r ON r.id = w2.run_id
+UPDATE eval_work_items w2
+   SET status = 'running', attempts = w2.attempts + 1, claimed_by = %(worker)s, claimed_at = now(),
+       lease_until = now() + make_interval(secs => %(lease)s), worker_key = %(key)s
+  FROM (SELECT w.id FROM eval_work_items w JOIN eval_runs r ON r.id = w.run_id
          WHERE r.status IN ('queued', 'running') {run_filter}
-           AND (w2.status = 'queued' OR (w2.status = 'running' AND w2.lease_until < now()))
-         ORDER BY w2.run_id, w2.seq
-         LIMIT %(limit)s FOR UPDATE OF w2 SKIP LOCKED) pick
- WHERE w.id = pick.id
-RETURNING w.id, w.run_id, w.position, w.seq, w.item_id, w.item_revision_id, w.messages, w.render_error, w.params,
-          w.attempts
+           AND (w.status = 'queued' OR """ + _ABANDONED + """ {own})
+         ORDER BY w.run_id, w.seq
+         LIMIT %(limit)s FOR UPDATE OF w SKIP LOCKED) pick
+ WHERE w2.id = pick.id
+RETURNING w2.id, w2.run_id, w2.position, w2.seq, w2.item_id, w2.item_revision_id, w2.messages, w2.render_error,
+          w2.params, w2.attempts
 """
 
 
 def claim_many(pool: ConnectionPool, worker: str, *, run_id: int | None = None, limit: int = 1,
                lease_s: float = LEASE_S) -> list[WorkItem]:
-    """Claim up to `limit` next items in prefix order (queued, or whose lease ran out) of any active run, or of one."""
+    """Claim up to `limit` next items in prefix order (queued, or abandoned by a worker that is gone or whose lease
+    ran out) of any active run, or of one; the claims record this process's liveness key."""
     # An item claimed before (its worker stopped before finishing it) is claimed alone: an item that kills its worker
     # uses up its own attempts (MAX_ATTEMPTS), never those of the items claimed with it.
     run_filter = "AND r.id = %(run)s" if run_id is not None else ""
-    args = {"worker": worker, "lease": lease_s, "run": run_id, "limit": 1}
-    with pool.connection() as conn, conn.cursor(row_factory=class_row(WorkItem)) as cur:
-        works = cur.execute(_CLAIM.format(run_filter=run_filter), args).fetchall()
+    args = {"worker": worker, "lease": lease_s, "run": run_id, "limit": 1, "key": liveness.key(pool)}
+    with liveness.claiming(worker) as unanswered, pool.connection() as conn, \
+            conn.cursor(row_factory=class_row(WorkItem)) as cur:
+        # After a claim whose answer was lost, the items it may have claimed under this name are taken back.
+        own = "OR (w.status = 'running' AND w.claimed_by = %(worker)s)" if unanswered else ""
+        works = cur.execute(_CLAIM.format(run_filter=run_filter, own=own), args).fetchall()
         if works and works[0].attempts == 1 and limit > 1:   # a first claim: more first claims may join it
-            works += cur.execute(_CLAIM.format(run_filter=f"{run_filter} AND w2.attempts = 0"),
+            works += cur.execute(_CLAIM.format(run_filter=f"{run_filter} AND w.attempts = 0", own=""),
                                  {**args, "limit": limit - 1}).fetchall()
         if works:
             conn.execute("UPDATE eval_runs SET status = 'running', started_at = coalesce(started_at, now()) "
@@ -630,38 +641,59 @@ def _finish(pool: ConnectionPool, work: WorkItem, worker: str, *, execution_id: 
             error: str | None, checks: Sequence[evaluators.Check], check_origins: Sequence[str], passed: bool,
             score: float | None, prompt_tokens: int | None, completion_tokens: int | None,
             latency_ms: float | None) -> bool:
-    """Write the result and mark the item done, only if this claim still holds it; True when written."""
-    with pool.connection() as conn, conn.transaction():
-        conn.execute("SELECT 1 FROM eval_runs WHERE id = %s FOR UPDATE", (work.run_id,))
-        held = conn.execute("UPDATE eval_work_items SET status = 'done', lease_until = NULL WHERE id = %s "
-                            "AND attempts = %s AND status = 'running'", (work.id, work.attempts)).rowcount
-        if not held:
-            log.warning("work item %s was claimed again by another worker; this result is dropped", work.id)
-            return False
-        conn.execute(
-            "INSERT INTO eval_results (work_item_id, run_id, position, item_id, execution_id, output, error, passed, "
-            "score, prompt_tokens, completion_tokens, latency_ms, worker) "
-            "VALUES (%(work_item_id)s, %(run_id)s, %(position)s, %(item_id)s, %(execution_id)s, %(output)s, "
-            "%(error)s, %(passed)s, %(score)s, %(prompt_tokens)s, %(completion_tokens)s, %(latency_ms)s, %(worker)s)",
-            {"work_item_id": work.id, "run_id": work.run_id, "position": work.position, "item_id": work.item_id,
-             "execution_id": execution_id, "output": output, "error": error, "passed": passed, "score": score,
-             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "latency_ms": latency_ms,
-             "worker": worker})
-        if checks:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO eval_checks (work_item_id, idx, origin, name, type, passed, score, weight, reason, "
-                    "execution_id) VALUES (%(work_item_id)s, %(idx)s, %(origin)s, %(name)s, %(type)s, %(passed)s, "
-                    "%(score)s, %(weight)s, %(reason)s, %(execution_id)s)",
-                    [{"work_item_id": work.id, "idx": i, "origin": origin, "name": c.name, "type": c.type,
-                      "passed": c.passed, "score": c.score, "weight": c.weight, "reason": c.reason,
-                      "execution_id": c.execution_id}
-                     for i, (c, origin) in enumerate(zip(checks, check_origins))])
-        left = conn.execute("SELECT EXISTS (SELECT 1 FROM eval_work_items WHERE run_id = %s "
-                            "AND status IN ('queued', 'running'))", (work.run_id,)).fetchone()[0]
-        if not left:
-            conn.execute("UPDATE eval_runs SET status = 'done', finished_at = now() WHERE id = %s "
-                         "AND status IN ('queued', 'running')", (work.run_id,))
+    """Write the result and mark the item done, only if this claim (worker and attempt) still holds it; True when
+    written. On a fresh pooled connection, tried again when it breaks (core.liveness.write); psycopg.OperationalError
+    when the database stays away."""
+    def write(conn: psycopg.Connection) -> bool:
+        with conn.transaction():
+            return _write_result(conn, work, worker, execution_id=execution_id, output=output, error=error,
+                                 checks=checks, check_origins=check_origins, passed=passed, score=score,
+                                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                 latency_ms=latency_ms)
+
+    if liveness.write(pool, write, what=f"writing the result of work item {work.id}"):
+        return True
+    log.warning("work item %s was claimed again by another worker; this result is dropped", work.id)
+    return False
+
+
+def _write_result(conn: psycopg.Connection, work: WorkItem, worker: str, *, execution_id: int | None,
+                  output: str | None, error: str | None, checks: Sequence[evaluators.Check],
+                  check_origins: Sequence[str], passed: bool, score: float | None, prompt_tokens: int | None,
+                  completion_tokens: int | None, latency_ms: float | None) -> bool:
+    """_finish's transaction: True when the claim held and the result is written (now or by an earlier try)."""
+    conn.execute("SELECT 1 FROM eval_runs WHERE id = %s FOR UPDATE", (work.run_id,))
+    held = conn.execute("UPDATE eval_work_items SET status = 'done', lease_until = NULL, worker_key = NULL "
+                        "WHERE id = %s AND attempts = %s AND claimed_by = %s AND status = 'running'",
+                        (work.id, work.attempts, worker)).rowcount
+    if not held:  # taken over by another worker, or written by an earlier try whose commit was lost
+        return conn.execute("SELECT EXISTS (SELECT 1 FROM eval_work_items w JOIN eval_results e ON e.work_item_id = "
+                            "w.id WHERE w.id = %s AND w.status = 'done' AND w.attempts = %s AND w.claimed_by = %s "
+                            "AND e.worker = %s)", (work.id, work.attempts, worker, worker)).fetchone()[0]
+    conn.execute(
+        "INSERT INTO eval_results (work_item_id, run_id, position, item_id, execution_id, output, error, passed, "
+        "score, prompt_tokens, completion_tokens, latency_ms, worker) "
+        "VALUES (%(work_item_id)s, %(run_id)s, %(position)s, %(item_id)s, %(execution_id)s, %(output)s, "
+        "%(error)s, %(passed)s, %(score)s, %(prompt_tokens)s, %(completion_tokens)s, %(latency_ms)s, %(worker)s)",
+        {"work_item_id": work.id, "run_id": work.run_id, "position": work.position, "item_id": work.item_id,
+         "execution_id": execution_id, "output": output, "error": error, "passed": passed, "score": score,
+         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "latency_ms": latency_ms,
+         "worker": worker})
+    if checks:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO eval_checks (work_item_id, idx, origin, name, type, passed, score, weight, reason, "
+                "execution_id) VALUES (%(work_item_id)s, %(idx)s, %(origin)s, %(name)s, %(type)s, %(passed)s, "
+                "%(score)s, %(weight)s, %(reason)s, %(execution_id)s)",
+                [{"work_item_id": work.id, "idx": i, "origin": origin, "name": c.name, "type": c.type,
+                  "passed": c.passed, "score": c.score, "weight": c.weight, "reason": c.reason,
+                  "execution_id": c.execution_id}
+                 for i, (c, origin) in enumerate(zip(checks, check_origins))])
+    left = conn.execute("SELECT EXISTS (SELECT 1 FROM eval_work_items WHERE run_id = %s "
+                        "AND status IN ('queued', 'running'))", (work.run_id,)).fetchone()[0]
+    if not left:
+        conn.execute("UPDATE eval_runs SET status = 'done', finished_at = now() WHERE id = %s "
+                     "AND status IN ('queued', 'running')", (work.run_id,))
     return True
 
 
@@ -739,7 +771,8 @@ def process_many(pool: ConnectionPool, settings: Settings, works: Sequence[WorkI
                  lease_s: float = LEASE_S, heartbeat_s: float = HEARTBEAT_S) -> int:
     """Generate and evaluate claimed items, decoding those on one model together; how many results were written.
 
-    Batching never changes an output: the in-process model gives each item the bytes it gives it alone.
+    Batching never changes an output: the in-process model gives each item the bytes it gives it alone. An item
+    whose result cannot be written (the database stays away) goes back to the queue, its attempt counted.
     """
     if not works:
         return 0
@@ -747,7 +780,12 @@ def process_many(pool: ConnectionPool, settings: Settings, works: Sequence[WorkI
     with _Heartbeat(pool, works, lease_s, heartbeat_s):
         groups: dict[int, list[_Pending]] = {}
         for work in works:
-            pending = _prepare(pool, settings, work, worker)
+            try:
+                pending = liveness.retrying(lambda w=work: _prepare(pool, settings, w, worker),
+                                            what=f"preparing work item {work.id}", pool=pool)
+            except psycopg.OperationalError as exc:
+                _hand_back_one(pool, work, worker, exc)
+                continue
             if isinstance(pending, bool):
                 written += pending
             else:
@@ -760,8 +798,31 @@ def process_many(pool: ConnectionPool, settings: Settings, works: Sequence[WorkI
             else:
                 runs = executions.start_many(pool, backend, [(p.origin, p.params, p.work.messages) for p in group])
             for p, exec_run in zip(group, runs):
-                written += _complete(pool, settings, p, exec_run, worker)
+                try:
+                    written += _complete(pool, settings, p, exec_run, worker)
+                except psycopg.OperationalError as exc:
+                    _hand_back_one(pool, p.work, worker, exc)
     return written
+
+
+def _hand_back_one(pool: ConnectionPool, work: WorkItem, worker: str, exc: BaseException) -> None:
+    """Queue an item again that could not be prepared or whose result could not be written, the database being away
+    (its attempt counts), if this claim still holds it."""
+    log.error("work item %s could not be recorded (%s); it goes back to the queue", work.id,
+              " ".join(str(exc).split()))
+    liveness.write_later(pool, lambda conn: conn.execute(
+        f"UPDATE eval_work_items w SET {_HANDED_BACK} FROM eval_runs r WHERE r.id = w.run_id AND w.id = %s "
+        "AND w.attempts = %s AND w.claimed_by = %s AND w.status = 'running'",
+        (work.id, work.attempts, worker)), what=f"handing back work item {work.id}")
+
+
+def hand_back(pool: ConnectionPool, key: int) -> int:
+    """Queue again the items still running under a liveness key — those a stopping worker process did not finish —
+    without counting their attempt (an item of a cancelled run is cancelled instead); how many."""
+    return liveness.write(pool, lambda conn: conn.execute(
+        f"UPDATE eval_work_items w SET {_HANDED_BACK}, attempts = greatest(w.attempts - 1, 0) FROM eval_runs r "
+        "WHERE r.id = w.run_id AND w.worker_key = %s AND w.status = 'running'",
+        (key,)).rowcount, what="handing back unfinished work items")
 
 
 def process(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: str, *, lease_s: float = LEASE_S,
@@ -773,7 +834,7 @@ def process(pool: ConnectionPool, settings: Settings, work: WorkItem, worker: st
 def run_next(pool: ConnectionPool, settings: Settings, *, run_id: int | None = None, worker: str | None = None,
              lease_s: float = LEASE_S) -> bool:
     """Claim and process the next items, up to PROMPTDEV_EVAL_BATCH of them (the worker's task source)."""
-    me = worker or worker_id()
+    me = worker or liveness.worker_id()
     works = claim_many(pool, me, run_id=run_id, limit=settings.eval_batch, lease_s=lease_s)
     if not works:
         return False
@@ -798,19 +859,12 @@ def work_on(pool: ConnectionPool, settings: Settings, run_id: int, *,
             time.sleep(poll_s)  # the rest is claimed by other workers: wait for them
 
 
-def _register() -> None:
-    register_source("evaluations", lambda pool, settings: run_next(pool, settings))
-    register_figures("evaluations", _figures)
-
-
-def _figures(conn: psycopg.Connection) -> dict[str, int]:
+def dashboard_figures(conn: psycopg.Connection) -> dict[str, int]:
+    """The Home page's figures of datasets and evaluation runs (core.status lists them)."""
     datasets_n = conn.execute("SELECT count(*) FROM datasets").fetchone()[0]
     runs_n, active = conn.execute("SELECT count(*), count(*) FILTER (WHERE status IN ('queued', 'running')) "
                                   "FROM eval_runs").fetchone()
     return {"Datasets": datasets_n, "Evaluation runs": runs_n, "Runs in progress": active}
-
-
-_register()
 
 
 # -------------------------------------------------------------------------------------------------------- results

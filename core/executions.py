@@ -19,21 +19,19 @@ import dataclasses
 import json
 import logging
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterator, Mapping, Sequence
 
+import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from core import metrics, models, templates
-from core.db import LockKey, jsonb
+from core import liveness, metrics, models, templates
+from core.db import jsonb
 from core.errors import Conflict, InvalidInput, NotFound, Unavailable
 from core.llm import Backend, Generation, GenerationError, GenerationParams, Request, Usage
-from core.status import register_figures
-from core.worker import register_source, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +96,8 @@ class Execution:
     rerun_of: int | None
     worker: str | None
     claimed_at: datetime | None
+    attempts: int = 0                # claims of a submitted execution so far
+    worker_key: int | None = None    # liveness key (core.liveness) of the worker process holding the claim
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -150,7 +150,10 @@ _MODEL_ID_SQL = ("COALESCE(%(model_id)s::bigint, (SELECT m.id FROM models m WHER
                  "AND m.sha256 = %(model_sha256)s) OR (m.backend = 'openai' AND m.base_url = %(base_url)s) "
                  "ORDER BY (m.name = %(model_name)s) DESC, m.is_default DESC, m.id LIMIT 1))")
 _PLACEHOLDERS = [_MODEL_ID_SQL if c == "model_id" else f"%({c})s" for c in _COLUMNS]
-_INSERT = f"INSERT INTO executions ({', '.join(_COLUMNS)}) VALUES ({', '.join(_PLACEHOLDERS)}) RETURNING id"
+# The id is drawn by the INSERT, or given again when a try whose commit may have been lost with its connection is
+# repeated: the row is then written once (ON CONFLICT: the first try was applied after all).
+_INSERT = (f"INSERT INTO executions (id, {', '.join(_COLUMNS)}) VALUES (coalesce(%(id)s::bigint, "
+           f"nextval('executions_id_seq')), {', '.join(_PLACEHOLDERS)}) ON CONFLICT (id) DO NOTHING RETURNING id")
 
 
 def model_fields(backend: Backend) -> dict[str, Any]:
@@ -177,7 +180,8 @@ def record(pool: ConnectionPool, *, origin: Origin, backend: Backend | None = No
            prompt: str | None = None, output: str | None = None, usage: Usage | None = None,
            error: str | None = None, model: Mapping[str, Any] | None = None,
            started_at: datetime | None = None) -> int:
-    """Write one finished execution (ok, error, blocked or cancelled) and return its id."""
+    """Write one finished execution (ok, error, blocked or cancelled) and return its id. The write uses a fresh
+    pooled connection and is tried again when the connection breaks (core.liveness.write), never writing it twice."""
     if origin.source not in SOURCES:
         raise ExecutionError(f"unknown execution source {origin.source!r}")
     if status not in STATUSES:
@@ -197,10 +201,18 @@ def record(pool: ConnectionPool, *, origin: Origin, backend: Backend | None = No
         "prompt": prompt, "output": output, **_usage_values(usage, output, status),
         "error": error, "rerun_of": origin.rerun_of, "finished_at": datetime.now().astimezone(),
     }
-    with pool.connection() as conn, conn.transaction():
-        if ASYNC_COMMIT:
-            conn.execute("SET LOCAL synchronous_commit = off")
-        execution_id = conn.execute(_INSERT, values).fetchone()[0]
+    drawn: dict[str, int] = {}
+
+    def insert(conn: psycopg.Connection) -> int:
+        with conn.transaction():
+            if ASYNC_COMMIT:
+                conn.execute("SET LOCAL synchronous_commit = off")
+            row = conn.execute(_INSERT, {**values, "id": drawn.get("id")}).fetchone()
+            if row is not None:
+                drawn["id"] = row[0]
+        return drawn["id"]
+
+    execution_id = liveness.write(pool, insert, what="recording an execution")
     _observe(values)
     return execution_id
 
@@ -464,80 +476,91 @@ def wait_for_execution(pool: ConnectionPool, execution_id: int, timeout: float =
         time.sleep(poll_s)
 
 
-_ORPHAN_CHECK_S = 30.0
-_orphans_checked = 0.0
-_orphans_lock = threading.Lock()
+MAX_ATTEMPTS = 3         # claims of one submitted execution (each by a worker that stopped) before it is failed
+CLAIM_FALLBACK_S = 60.0  # a claim made without a liveness key is taken over once it is this old
+
+# A running execution whose worker is gone: its liveness key is free (at once), or it has no key and is old.
+_ORPHANED = (f"status = 'running' AND ({liveness.holder_gone_sql('worker_key')} OR (worker_key IS NULL "
+             f"AND claimed_at < clock_timestamp() - make_interval(secs => %(fallback)s)))")
+# The claim that may write a result or hand the execution back: the same worker, the same attempt.
+_FENCE = "id = %(id)s AND status = 'running' AND worker = %(worker)s AND attempts = %(attempts)s"
 
 
-def _lock_key(execution_id: int) -> int:
-    return execution_id % 2_147_483_647
-
-
-def reap_orphans(pool: ConnectionPool) -> int:
-    """Mark as failed the running executions whose worker is gone (no one holds their lock); return how many."""
-    reaped = 0
-    with pool.connection() as conn, conn.transaction():
-        rows = conn.execute("SELECT id FROM executions WHERE status = 'running' AND claimed_at < clock_timestamp() "
-                            "- interval '1 second' FOR UPDATE SKIP LOCKED").fetchall()
-        for (execution_id,) in rows:
-            if conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)",
-                            (int(LockKey.EXECUTION), _lock_key(execution_id))).fetchone()[0]:
-                conn.execute("UPDATE executions SET status = 'error', finished_at = clock_timestamp(), "
-                             "error = 'interrupted: the worker running it stopped before it finished' "
-                             "WHERE id = %s", (execution_id,))
-                reaped += 1
-    return reaped
-
-
-def _maybe_reap(pool: ConnectionPool) -> None:
-    global _orphans_checked
-    with _orphans_lock:
-        if time.monotonic() - _orphans_checked < _ORPHAN_CHECK_S:
-            return
-        _orphans_checked = time.monotonic()
-    try:
-        if reap_orphans(pool):
-            log.warning("marked executions of a stopped worker as failed")
-    except Exception:
-        log.exception("checking for orphaned executions failed")
+def claim_next(pool: ConnectionPool, worker: str | None = None) -> Execution | None:
+    """Claim the next submitted execution — one whose worker is gone (taken over at once), else the oldest queued —
+    with FOR UPDATE SKIP LOCKED, so that workers anywhere share the queue; None when there is none. The claim records
+    the worker, this process's liveness key and one more attempt."""
+    me, key = worker or liveness.worker_id(), liveness.key(pool)
+    with liveness.claiming(me) as unanswered, pool.connection() as conn, conn.transaction():
+        # After a claim whose answer was lost, what it may have claimed under this name is taken back.
+        own = " OR (status = 'running' AND worker = %(me)s)" if unanswered else ""
+        row = conn.execute(f"SELECT id FROM executions WHERE {_ORPHANED}{own} ORDER BY id LIMIT 1 "
+                           f"FOR UPDATE SKIP LOCKED", {"fallback": CLAIM_FALLBACK_S, "me": me}).fetchone()
+        if row is None:
+            row = conn.execute("SELECT id FROM executions WHERE status = 'queued' ORDER BY id LIMIT 1 "
+                               "FOR UPDATE SKIP LOCKED").fetchone()
+        if row is None:
+            return None
+        with conn.cursor(row_factory=class_row(Execution)) as cur:
+            return cur.execute(
+                "UPDATE executions SET status = 'running', attempts = attempts + 1, worker = %s, worker_key = %s, "
+                "claimed_at = clock_timestamp() WHERE id = %s RETURNING *", (me, key, row[0])).fetchone()
 
 
 def run_next_queued(pool: ConnectionPool, settings: Any) -> bool:
-    """Claim the oldest queued execution (FOR UPDATE SKIP LOCKED), run it and record the result in the same row;
-    False when nothing was queued. This is the worker's task source."""
+    """Claim the next submitted execution (claim_next), run it and record the result in its row; False when nothing
+    was queued. This is the worker's task source.
+
+    No connection is held while the model generates: the result is written on a fresh one, tried again when it
+    breaks. A result that cannot be written hands the execution back to the queue (the attempt counts), to run
+    again; one that MAX_ATTEMPTS workers claimed without finishing it is recorded as failed."""
     if pool.closed:  # a worker outliving its pool (at shutdown) has nothing to do
         return False
-    with pool.connection() as conn:
-        with conn.transaction():
-            row = conn.execute("SELECT id FROM executions WHERE status = 'queued' ORDER BY id LIMIT 1 "
-                               "FOR UPDATE SKIP LOCKED").fetchone()
-            if row is None:
-                claimed = None
-            else:
-                conn.execute("SELECT pg_advisory_lock(%s, %s)", (int(LockKey.EXECUTION), _lock_key(row[0])))
-                with conn.cursor(row_factory=class_row(Execution)) as cur:
-                    claimed = cur.execute(
-                        "UPDATE executions SET status = 'running', worker = %s, claimed_at = clock_timestamp() "
-                        "WHERE id = %s RETURNING *", (worker_id(), row[0])).fetchone()
-        if claimed is None:
-            _maybe_reap(pool)
-            return False
-        try:
-            _run_claimed(conn, pool, settings, claimed)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (int(LockKey.EXECUTION), _lock_key(claimed.id)))
+    claimed = claim_next(pool)
+    if claimed is None:
+        return False
+    try:
+        if claimed.attempts > MAX_ATTEMPTS:
+            outcome = _Outcome("error", f"gave up after {MAX_ATTEMPTS} attempts: each worker that ran it stopped "
+                                        f"before it finished", None, _claimed_model(claimed))
+        else:
+            outcome = _generate(pool, settings, claimed)
+        _store(pool, claimed, outcome)
+    except psycopg.OperationalError as exc:
+        log.error("execution %s could not be recorded (%s); it goes back to the queue", claimed.id,
+                  " ".join(str(exc).split()))
+        liveness.write_later(pool, lambda conn: _hand_back_one(conn, claimed),
+                             what=f"handing back execution {claimed.id}")
     return True
 
 
-def _run_claimed(conn: Any, pool: ConnectionPool, settings: Any, claimed: Execution) -> None:
+@dataclass
+class _Outcome:
+    status: str
+    error: str | None
+    generation: Generation | None
+    ident: dict[str, Any]
+
+
+def _claimed_model(claimed: Execution) -> dict[str, Any]:
+    return {"model_name": claimed.model_name, "backend": claimed.backend, "model_sha256": claimed.model_sha256,
+            "base_url": claimed.base_url}
+
+
+def _claimed_backend(pool: ConnectionPool, settings: Any, claimed: Execution) -> Backend:
+    if claimed.model_id is not None:
+        return models.backend_for(pool, settings, models.get_model_by_id(pool, claimed.model_id).name)
+    return models.backend_for(pool, settings, None)
+
+
+def _generate(pool: ConnectionPool, settings: Any, claimed: Execution) -> _Outcome:
+    """Run a claimed execution on its model (no connection is held meanwhile); a failure is an outcome too, but
+    psycopg.OperationalError (the database away while the model is looked up) is raised."""
     generation: Generation | None = None
-    status, error, ident = "error", None, {"model_name": claimed.model_name, "backend": claimed.backend,
-                                           "model_sha256": claimed.model_sha256, "base_url": claimed.base_url}
+    status, error, ident = "error", None, _claimed_model(claimed)
     try:
-        if claimed.model_id is not None:
-            backend = models.backend_for(pool, settings, models.get_model_by_id(pool, claimed.model_id).name)
-        else:
-            backend = models.backend_for(pool, settings, None)
+        backend = liveness.retrying(lambda: _claimed_backend(pool, settings, claimed),
+                                    what=f"looking up the model of execution {claimed.id}", pool=pool)
         ident = model_fields(backend)
         params = GenerationParams.from_dict(claimed.params)
         generation = backend.generate(claimed.messages, prompt=None if claimed.messages is not None else claimed.prompt,
@@ -545,26 +568,57 @@ def _run_claimed(conn: Any, pool: ConnectionPool, settings: Any, claimed: Execut
         with generation:
             generation.read()
         status = "ok" if generation.usage.finish_reason != "cancelled" else "cancelled"
+    except psycopg.OperationalError:
+        raise
     except Exception as exc:  # recorded on the row; the worker goes on
         status, error = "error", _one_line(exc)
         log.info("submitted execution %s failed: %s", claimed.id, error)
+    return _Outcome(status, error, generation, ident)
+
+
+def _store(pool: ConnectionPool, claimed: Execution, outcome: _Outcome) -> bool:
+    """Write a claimed execution's outcome in its row, if the claim still holds it; True when written (also when
+    a try whose commit was lost had written it). psycopg.OperationalError when the database stays away."""
+    generation, status = outcome.generation, outcome.status
     usage = generation.usage if generation is not None else Usage()
     output = generation.text if generation is not None and status != "error" else None
-    values = {**ident, **_usage_values(usage, output, status)}
-    conn.execute(
-        "UPDATE executions SET status = %(status)s, output = %(output)s, error = %(error)s, prompt = %(prompt)s, "
-        "finished_at = clock_timestamp(), model_name = %(model_name)s, model_sha256 = %(model_sha256)s, "
-        f"backend = %(backend)s, base_url = %(base_url)s, model_id = {_MODEL_ID_SQL}, "
-        "finish_reason = %(finish_reason)s, prompt_tokens = %(prompt_tokens)s, "
-        "completion_tokens = %(completion_tokens)s, ttft_ms = %(ttft_ms)s, total_ms = %(total_ms)s WHERE id = %(id)s",
-        {**values, "status": status, "output": output, "error": error,
-         "prompt": generation.prompt if generation is not None else claimed.prompt, "model_id": claimed.model_id,
-         "id": claimed.id})
+    values = {**outcome.ident, **_usage_values(usage, output, status)}
+    args = {**values, "status": status, "output": output, "error": outcome.error,
+            "prompt": generation.prompt if generation is not None else claimed.prompt, "model_id": claimed.model_id,
+            "id": claimed.id, "worker": claimed.worker, "attempts": claimed.attempts}
+
+    def update(conn: psycopg.Connection) -> bool:
+        if conn.execute(
+                "UPDATE executions SET status = %(status)s, output = %(output)s, error = %(error)s, "
+                "prompt = %(prompt)s, finished_at = clock_timestamp(), model_name = %(model_name)s, "
+                "model_sha256 = %(model_sha256)s, backend = %(backend)s, base_url = %(base_url)s, "
+                f"model_id = {_MODEL_ID_SQL}, finish_reason = %(finish_reason)s, prompt_tokens = %(prompt_tokens)s, "
+                "completion_tokens = %(completion_tokens)s, ttft_ms = %(ttft_ms)s, total_ms = %(total_ms)s, "
+                f"worker_key = NULL WHERE {_FENCE}", args).rowcount:
+            return True
+        row = conn.execute("SELECT status, worker, attempts FROM executions WHERE id = %s", (claimed.id,)).fetchone()
+        return row is not None and row[0] in FINAL_STATUSES and (row[1], row[2]) == (claimed.worker, claimed.attempts)
+
+    if not liveness.write(pool, update, what=f"writing the result of execution {claimed.id}"):
+        log.warning("execution %s was taken over by another worker; this result is dropped", claimed.id)
+        return False
     _observe({**values, "status": status, "source": claimed.source, "template_name": claimed.template_name})
+    return True
 
 
-def _register_worker_source() -> None:
-    register_source("executions", run_next_queued)
+def _hand_back_one(conn: psycopg.Connection, claimed: Execution) -> None:
+    """Queue a claimed execution again (its attempt counts), if the claim still holds it."""
+    conn.execute(f"UPDATE executions SET status = 'queued', worker = NULL, worker_key = NULL, claimed_at = NULL "
+                 f"WHERE {_FENCE}", {"id": claimed.id, "worker": claimed.worker, "attempts": claimed.attempts})
+
+
+def hand_back(pool: ConnectionPool, key: int) -> int:
+    """Queue again the executions still running under a liveness key — those a stopping worker process did not
+    finish — without counting their attempt; how many."""
+    return liveness.write(pool, lambda conn: conn.execute(
+        "UPDATE executions SET status = 'queued', attempts = greatest(attempts - 1, 0), worker = NULL, "
+        "worker_key = NULL, claimed_at = NULL WHERE worker_key = %s AND status = 'running'", (key,)).rowcount,
+        what="handing back unfinished executions")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -877,18 +931,11 @@ def variable_specs(variables: Sequence[str], input_schema: Mapping[str, Any] | N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registrations: the worker's task source and the Home dashboard figures
+# The Home page's figures (core.status lists them)
 
 
-def _figures(conn: Any) -> dict[str, int]:
+def dashboard_figures(conn: psycopg.Connection) -> dict[str, int]:
+    """Executions in the ledger, in all and in the last 24 hours."""
     row = conn.execute("SELECT count(*), count(*) FILTER (WHERE created_at > now() - interval '1 day') "
                        "FROM executions").fetchone()
     return {"Executions": row[0], "Executions (24 h)": row[1]}
-
-
-def _register() -> None:
-    _register_worker_source()
-    register_figures("executions", _figures)
-
-
-_register()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
-from core import db
+from core import conversations, db, evaluations, executions
 from core.config import Settings
 from core.llm import Backend, GenerationParams
 
-
-def register_figures(name: str, source: Callable[[Any], dict[str, int]]) -> None:
-    """Kept for the domain modules, which still announce their figures when imported; the Home page shows the ones
-    dashboard_figures lists."""
+# The Home page's activity figures, in the order shown: each function gives {label: number} on one connection.
+FIGURES: tuple[Callable[[psycopg.Connection], dict[str, int]], ...] = (
+    executions.dashboard_figures,     # executions, in all and in the last 24 hours
+    conversations.dashboard_figures,  # users, conversations, messages, halted conversations, guardrail events
+    evaluations.dashboard_figures,    # datasets, evaluation runs, runs in progress
+)
 
 
 def database_status(pool: ConnectionPool, settings: Settings) -> dict[str, Any]:
@@ -46,10 +49,9 @@ def warm_up(backend: Backend, max_tokens: int = 32) -> dict[str, Any]:
 
 
 def dashboard_figures(pool: ConnectionPool) -> dict[str, int]:
-    """The Home page's activity figures, {label: number}, in the order shown: executions, conversations (with
-    guardrail events), evaluations."""
-    # Imported here, not at the top: each of these modules imports this one at its top (register_figures).
-    from core import conversations, evaluations, executions
-
+    """The Home page's activity figures, {label: number}, in the order shown (FIGURES)."""
+    figures: dict[str, int] = {}
     with pool.connection() as conn:
-        return {**executions._figures(conn), **conversations.dashboard_figures(conn), **evaluations._figures(conn)}
+        for source in FIGURES:
+            figures.update(source(conn))
+    return figures

@@ -625,8 +625,8 @@ def test_scheduled_retention_runs_at_most_once_an_hour(pool, backend, settings):
     with pool.connection() as conn:
         conn.execute("UPDATE conversation_purges SET ran_at = ran_at - interval '61 minutes'")
     assert conversations.scheduled_purge(pool, on)["conversations"] == 1
-    # the worker's task source is registered and honours the setting
+    # the worker runs this task source, and it honours the setting
     from core import worker
 
-    assert "conversations.retention" in worker._sources
-    assert worker._sources["conversations.retention"](pool, settings) is False
+    assert "conversations.retention" in worker.SOURCES
+    assert worker.SOURCES["conversations.retention"](pool, settings) is False

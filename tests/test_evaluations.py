@@ -300,13 +300,13 @@ def test_a_worker_process_killed_mid_run_resumes_without_loss_or_duplicates(pool
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    # The killed worker's liveness lock went with it: its claims count as queued at once, with no lease to wait out
+    # (their leases still hold), and this worker takes them over.
+    _wait(lambda: evaluations.progress(pool, run.id).running == 0, timeout=10)
     prog = evaluations.progress(pool, run.id)
-    assert prog.status == "running" and 1 <= prog.done < 6 and prog.running >= 1   # its leases still hold
-    # The killed worker's items stay claimed until their leases run out (time passes); then this worker takes it over.
-    with pool.connection() as conn:
-        conn.execute("UPDATE eval_work_items SET lease_until = now() - interval '1 second' "
-                     "WHERE run_id = %s AND status = 'running'", (run.id,))
-    assert evaluations.progress(pool, run.id).running == 0     # an expired claim counts as queued again
+    assert prog.status == "running" and 1 <= prog.done < 6 and prog.queued == 6 - prog.done
+    assert count(pool, "SELECT count(*) FROM eval_work_items WHERE run_id = %s AND status = 'running' "
+                       "AND lease_until > now()", run.id) >= 1
     evaluations.work_on(pool, settings, run.id)
     prog = evaluations.progress(pool, run.id)
     assert (prog.status, prog.done, prog.total) == ("done", 6, 6)

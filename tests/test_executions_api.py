@@ -232,15 +232,29 @@ def test_a_submitted_run_that_fails_is_recorded_by_the_worker(pool, settings, gr
     assert not executions.run_next_queued(pool, settings)  # nothing left
 
 
-def test_executions_of_a_vanished_worker_are_marked_failed(pool):
-    eid = executions.record(pool, origin=Origin("api"), status="ok")
+def test_executions_of_a_vanished_worker_are_claimed_again_then_marked_failed(pool, settings):
+    dead, keyless, spent = (executions.record(pool, origin=Origin("api"), status="ok") for _ in range(3))
     with pool.connection() as conn:
-        conn.execute("UPDATE executions SET status = 'running', claimed_at = now() - interval '1 minute' "
-                     "WHERE id = %s", (eid,))
-    assert executions.reap_orphans(pool) == 1
-    row = executions.get_execution(pool, eid)
-    assert row.status == "error" and "worker" in row.error
-    assert executions.reap_orphans(pool) == 0
+        free_key = conn.execute("SELECT nextval('worker_keys')").fetchone()[0]  # a key nobody holds: a dead process's
+        conn.execute("UPDATE executions SET status = 'running', claimed_at = now(), attempts = 1, worker_key = %s "
+                     "WHERE id = %s", (free_key, dead))
+        conn.execute("UPDATE executions SET status = 'running', claimed_at = now(), attempts = 1 WHERE id = %s",
+                     (keyless,))
+    again = executions.claim_next(pool, "w2")   # taken over at once: its worker's liveness lock is free
+    assert (again.id, again.attempts, again.worker, again.status) == (dead, 2, "w2", "running")
+    assert again.worker_key is not None and again.worker_key != free_key
+    assert executions.claim_next(pool, "w2") is None   # a claim without a key waits for the fallback lease
+    with pool.connection() as conn:
+        conn.execute("UPDATE executions SET claimed_at = now() - interval '2 minutes' WHERE id = %s", (keyless,))
+        conn.execute("UPDATE executions SET status = 'running', claimed_at = now(), attempts = %s, worker_key = %s "
+                     "WHERE id = %s", (executions.MAX_ATTEMPTS, free_key, spent))
+    assert executions.claim_next(pool, "w2").id == keyless
+    # One that MAX_ATTEMPTS workers claimed and never finished is recorded as failed, not run again.
+    assert executions.run_next_queued(pool, settings)
+    row = executions.get_execution(pool, spent)
+    assert row.status == "error" and "worker" in row.error and row.output is None
+    assert row.attempts == executions.MAX_ATTEMPTS + 1
+    assert not executions.run_next_queued(pool, settings)
 
 
 def test_template_usage_count_and_last_used(pool, backend, greet):
