@@ -106,15 +106,15 @@ _app_urls: dict[str, str] = {}
 _app_urls_lock = threading.Lock()
 
 
-def database_url(settings: Settings) -> str:
-    """The URL the app connects with: PROMPTDEV_DATABASE_URL, or the embedded server (started when needed) as the
-    unprivileged APP_ROLE on APP_DATABASE (`embedded_app_url`)."""
 def admin_url(settings: Settings) -> str:
     """A URL that may create scratch databases (benchmarks, tests): PROMPTDEV_DATABASE_URL as given, else the
     embedded server's superuser."""
     return settings.database_url or embedded_url(settings.postgres_dir)
 
 
+def database_url(settings: Settings) -> str:
+    """The URL the app connects with: PROMPTDEV_DATABASE_URL, or the embedded server (started when needed) as the
+    unprivileged APP_ROLE on APP_DATABASE (`embedded_app_url`)."""
     if settings.database_url:
         return settings.database_url
     return embedded_app_url(settings.postgres_dir)
