@@ -460,8 +460,13 @@ def _load_llama(**kwargs: Any) -> Any:
 
 @atexit.register
 def _free_models() -> None:
-    """Free loaded models while the interpreter still works (llama_cpp's own __del__ fails at shutdown)."""
+    """Free loaded models while the interpreter still works (llama_cpp's own __del__ fails at shutdown).
+
+    A model still generating in a thread that outlived its grace period is left alone: freeing memory a decode is
+    using would crash the process on its way out (its work has been handed back already)."""
     for backend in list(_loaded):
+        if getattr(backend, "in_use", lambda: False)():
+            continue
         try:
             backend._free()
         except Exception:
