@@ -154,6 +154,8 @@ def normalize_username(username: object) -> str:
 
 def _display_name(display_name: object, username: str) -> str:
     name = " ".join(display_name.split()) if isinstance(display_name, str) else ""
+    if "\x00" in name:
+        raise AccountError("A display name cannot contain NUL characters.")
     if len(name) > 200:
         raise AccountError("A display name has at most 200 characters.")
     return name or username
@@ -327,6 +329,7 @@ def authenticate(pool: ConnectionPool, username: str, password: str, address: st
     """Check a username and password and record the attempt: the user, or LoginFailed (wrong name or password, or a
     deactivated account, alike), or RateLimited (too many failures for the account or from the address)."""
     typed = (username.strip().lower() if isinstance(username, str) else "")[:64]
+    typed = typed.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL; no username has either character
     password = (password if isinstance(password, str) else "")[:MAX_PASSWORD_LENGTH + 1]  # longer never matches
     user, wait = None, None
     with pool.connection() as conn:

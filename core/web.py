@@ -209,7 +209,16 @@ def _csrf_ok(request: Request, form: dict[str, str], site: Site) -> bool:
     return bool(cookie) and hmac.compare_digest(cookie.encode(), field.encode()) and _same_origin(request, site)
 
 
-def _client_address(request: Request) -> str | None:
+FORWARDED_ADDRESS = "forwarded"  # what the login limits count a request naming an unchecked forwarded address as
+
+
+def _client_address(request: Request, site: Site) -> str | None:
+    """The address the login limits count by and the records keep. Uvicorn puts the X-Forwarded-For address in
+    request.client when the connection comes from loopback: right behind a proxy on this machine (PROMPTDEV_BASE_URL
+    set), but without one that is whatever the client says, a new allowance per guess. So, without a proxy, every
+    request naming a forwarded address counts as one address, FORWARDED_ADDRESS (a browser sends no such header)."""
+    if not site.settings.base_url and "x-forwarded-for" in request.headers:
+        return FORWARDED_ADDRESS
     return request.client.host if request.client else None
 
 
@@ -252,12 +261,12 @@ def login_route(site: Site) -> Route:
                                username=username, next_path=next_path, status=403)
         try:
             _user, token = await site.call(accounts.login, username, form.get("password", ""),
-                                           _client_address(request))
+                                           _client_address(request, site))
         except RateLimited as exc:
             return _login_form(request, site, error=user_message(exc), username=username, next_path=next_path,
                                status=429, headers={"Retry-After": str(math.ceil(exc.retry_after))})
         except accounts.LoginFailed as exc:
-            log.info("login refused from %s", _client_address(request))
+            log.info("login refused from %s", _client_address(request, site))
             return _login_form(request, site, error=user_message(exc), username=username, next_path=next_path,
                                status=401)
         except EXPECTED_ERRORS as exc:
@@ -340,7 +349,7 @@ def setup_route(site: Site) -> Route:
         try:
             user = await site.call(accounts.create_admin_with_setup_token, token, username,
                                    form.get("password", ""), display_name=display_name)
-            session = await site.call(accounts.create_session, user, _client_address(request))
+            session = await site.call(accounts.create_session, user, _client_address(request, site))
         except accounts.SetupLinkInvalid:
             return _page("Set up PromptDev", _error(invalid), 404)
         except EXPECTED_ERRORS as exc:

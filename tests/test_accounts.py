@@ -58,6 +58,14 @@ def test_bad_usernames_are_refused(pool, name):
         make(pool, name)
 
 
+def test_nul_characters_are_refused_in_names_and_fail_a_login(pool):
+    with pytest.raises(accounts.AccountError):
+        accounts.create_user(pool, accounts.CONSOLE, "nul", "a long enough password", display_name="a\x00b")
+    accounts.create_user(pool, accounts.CONSOLE, "nul", "a long enough password")
+    with pytest.raises(accounts.LoginFailed):
+        accounts.login(pool, "n\x00ul", "a long enough password", "192.0.2.1")
+
+
 def test_usernames_are_unique_ignoring_case(pool):
     make(pool, "carol")
     with pytest.raises(accounts.UserExists) as caught:

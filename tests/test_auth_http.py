@@ -90,12 +90,13 @@ def call(server: AppServer, method: str, path: str, *, cookies: dict[str, str] |
         conn.close()
 
 
-def login(server: AppServer, username: str, password: str, **extra: str) -> Response:
-    """GET the form (CSRF cookie and field), then POST it."""
+def login(server: AppServer, username: str, password: str, *, headers: dict[str, str] | None = None,
+          **extra: str) -> Response:
+    """GET the form (CSRF cookie and field), then POST it (with these extra headers)."""
     page = call(server, "GET", "/login")
     csrf = page.set_cookies[CSRF_COOKIE][0]
     assert page.field("csrf") == csrf
-    return call(server, "POST", "/login", cookies={CSRF_COOKIE: csrf},
+    return call(server, "POST", "/login", cookies={CSRF_COOKIE: csrf}, headers=headers,
                 form={"csrf": csrf, "username": username, "password": password, **extra})
 
 
@@ -245,6 +246,25 @@ def test_failed_logins_are_rate_limited_per_account(server, pool, alice):
     assert limited.status == 429 and SESSION_COOKIE not in limited.set_cookies
     assert 0 < int(limited.headers["retry-after"]) <= accounts.LOGIN_WINDOW.total_seconds()
     assert "Too many failed logins" in limited.body
+
+
+def test_a_forwarded_for_header_does_not_escape_the_per_address_limit(server, pool, alice):
+    """Without a proxy in front (no PROMPTDEV_BASE_URL) X-Forwarded-For is whatever the client says. Uvicorn
+    believes it from loopback; the login limits must not: a new address per guess is no new allowance."""
+    for i in range(accounts.MAX_FAILURES_PER_ADDRESS):
+        response = login(server, f"nobody{i}", "not anyone's password", headers={"X-Forwarded-For": f"10.0.{i}.1"})
+        assert response.status == 401
+    limited = login(server, "alice", PASSWORD, headers={"X-Forwarded-For": "10.99.0.1"})
+    assert limited.status == 429 and SESSION_COOKIE not in limited.set_cookies
+    with pool.connection() as conn:
+        assert not conn.execute("SELECT count(*) FROM login_attempts WHERE address LIKE '10.%'").fetchone()[0]
+
+
+def test_a_nul_character_in_a_username_is_a_failed_login_not_a_server_error(server, pool, alice):
+    response = login(server, "ali\x00ce", PASSWORD)
+    assert response.status == 401 and "Wrong username or password." in response.body
+    with pool.connection() as conn:
+        assert conn.execute("SELECT outcome FROM login_attempts").fetchall() == [("unknown_user",)]
 
 
 def test_what_is_reflected_is_escaped_and_next_stays_on_this_site(server, alice):
