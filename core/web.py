@@ -379,8 +379,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         connection = HTTPConnection(scope)
+        token = connection.cookies.get(SESSION_COOKIE)
         try:
-            user = await self.site.user(connection.cookies.get(SESSION_COOKIE))
+            user = await self.site.user(token)
         except EXPECTED_ERRORS as exc:
             log.warning("session check failed: %s", user_message(exc))
             if scope["type"] == "websocket":
@@ -391,12 +392,34 @@ class AuthMiddleware:
             return
         if user is not None:
             scope.setdefault("state", {})["user"] = user
+            if scope["type"] == "websocket":
+                receive = self._while_signed_in(token, receive, send)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":  # closed before accept: the server answers the upgrade with 403
             await send({"type": "websocket.close", "code": 1008})
             return
         await self._refuse(scope, connection)(scope, receive, send)
+
+    def _while_signed_in(self, token: str, receive: Receive, send: Send) -> Receive:
+        """The websocket's receive, checking the session at each message the browser sends (an interaction, a
+        fragment's timed rerun, a request for upload URLs): once it has ended (sign-out, deactivation, password
+        reset, expiry), the socket closes (1008) and the app sees a disconnect, not the message."""
+
+        async def receive_while_signed_in() -> dict:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                try:
+                    signed_in = await self.site.user(token) is not None
+                except EXPECTED_ERRORS as exc:  # the database is away: the app will say so itself
+                    log.warning("session check failed: %s", user_message(exc))
+                    signed_in = True
+                if not signed_in:
+                    await send({"type": "websocket.close", "code": 1008})
+                    return {"type": "websocket.disconnect", "code": 1008}
+            return message
+
+        return receive_while_signed_in
 
     @staticmethod
     def _refuse(scope: Scope, connection: HTTPConnection) -> Response:

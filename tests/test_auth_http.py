@@ -14,6 +14,7 @@ from http.cookies import SimpleCookie
 import pytest
 import websockets.exceptions
 import websockets.sync.client
+from streamlit.proto.BackMsg_pb2 import BackMsg
 
 from core import accounts, db
 from core.web import CSRF_COOKIE, SESSION_CACHE_SECONDS, SESSION_COOKIE
@@ -188,6 +189,23 @@ def test_forged_and_expired_cookies_are_refused(server, pool, alice):
     time.sleep(SESSION_CACHE_SECONDS + 0.5)  # the middleware trusts a checked session that long
     assert call(server, "GET", "/", cookies={SESSION_COOKIE: token}).status == 401
     assert websocket_status(server, {SESSION_COOKIE: token}) == 403
+
+
+def test_an_open_websocket_closes_once_its_session_has_ended(server, pool, alice):
+    """A tab left open keeps its websocket: after a sign-out, a deactivation or a password reset, the next message it
+    sends (an interaction, a fragment's timed rerun) closes it, instead of reaching the app without a session."""
+    token = accounts.create_session(pool, alice)
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{server.port}/_stcore/stream", open_timeout=20,
+                                        additional_headers={"Cookie": f"{SESSION_COOKIE}={token}"},
+                                        subprotocols=["streamlit"]) as ws:
+        assert accounts.revoke_session(pool, token)
+        time.sleep(SESSION_CACHE_SECONDS + 0.5)  # the middleware trusts a checked session that long
+        ws.send(BackMsg(app_heartbeat=True).SerializeToString())  # a message the app answers with nothing
+        deadline = time.monotonic() + 20
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while time.monotonic() < deadline:
+                ws.recv(timeout=deadline - time.monotonic())
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_login_sets_a_safe_cookie_and_logout_revokes_it(server, pool, alice):
