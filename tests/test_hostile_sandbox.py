@@ -262,3 +262,67 @@ def test_the_cli_refuses_in_one_line(app_env, pool, capsys, source):
         out, err = capsys.readouterr()
     assert code != 0 and err.count("\n") == 1, err
     one_plain_line(err.strip())
+
+
+# -- widths hidden in nested format fields ---------------------------------------------------------------------------
+
+
+def _format_in_child(source: str, conn) -> None:
+    import os
+    import resource
+
+    mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = mapped + 1_500_000_000
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    try:
+        out = tpl.render_string(source)
+        result = ("ok", f"{len(out)} characters")
+    except tpl.TemplateError as exc:
+        result = (type(exc).__name__, str(exc))
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    conn.send((*result, time.monotonic() - started, grown))
+
+
+def render_measured(source: str, timeout: float = 30) -> tuple[str, str, float, int]:
+    """(exception class name or 'ok', message, seconds, bytes the peak memory grew) of a render in a child process
+    capped at 1.5 GB more than it starts with."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_format_in_child, args=(source, child))
+    proc.start()
+    try:
+        assert parent.poll(timeout), f"no answer in {timeout} s"
+        return parent.recv()
+    finally:
+        proc.kill()
+        proc.join()
+
+
+@pytest.mark.parametrize("source", [
+    "{{ '{:{}}'.format('a', '999999999') }}",  # a width given as text
+    "{{ '{0:{1}}'.format('a', '>999999999') }}",
+    "{{ '{:{}{}{}}'.format('a', 9, 9999, 9999) }}",  # small numbers that write one big one side by side
+    "{{ '{:{}9999}'.format('a', 99999) }}",
+    "{{ '{:{:9<9}}'.format('a', 9) }}",  # a nested field formatted with a digit as its fill
+    "{{ '{0:{1[0]}}'.format('a', ['999999999']) }}",  # an item of an argument
+    "{{ '{0:{1[w]}}'.format('a', {'w': '999999999'}) }}",
+    "{{ '{a:{w}}'.format_map({'a': 'a', 'w': '999999999'}) }}",
+    "{{ '{:.{}f}'.format(1.5, '999999999') }}",  # a precision
+])
+def test_widths_written_by_nested_format_fields_are_refused_before_formatting(source):
+    kind, message, seconds, grown = render_measured(source)
+    assert kind == "RenderLimitExceeded" and "format" in message, (kind, message)
+    one_plain_line(message)
+    assert seconds < 2 and grown < 50_000_000, (seconds, grown)
+
+
+def test_nested_format_fields_still_work():
+    assert tpl.render_string("{{ '{:{}}|'.format('a', 5) }}{{ '{:>{w}.{p}f}'.format(3.14159, w=8, p=2) }}"
+                             "{{ '{0:{1[0]}}'.format('b', ['^5']) }}{{ '{:{:0>2}}|'.format('c', 3) }}") \
+        == "a    |    3.14  b  c00|"

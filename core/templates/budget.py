@@ -11,6 +11,7 @@ it). No database import: this is part of the sandbox.
 
 from __future__ import annotations
 
+import _string
 import contextvars
 import math
 import re
@@ -319,21 +320,66 @@ def _estimate_percent(budget: _Budget, fmt: str, right: Any) -> None:
     budget.check_size(total, "formatted text")
 
 
-def _estimate_brace(budget: _Budget, fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    """`fmt.format(*args, **kwargs)`: every field's argument text and widths (nested ones too) added up."""
-    limit = budget.limits.max_output_chars
-    auto = 0
+class _Unknown:
+    """A nested format field whose value the estimate cannot know (it names an attribute)."""
 
-    def lookup(field: str) -> Any:
-        nonlocal auto
-        head = _FIELD_HEAD.match(field).group(0)  # type: ignore[union-attr]
+
+def _field_value(field: str, args: Sequence[Any], kwargs: Mapping[str, Any], auto: list[int]) -> Any:
+    """What a format field names: the argument, then its items (`{0[w]}`); None when Python's own formatting will
+    report a problem, _Unknown for an attribute (`{0.w}`). `auto` counts the automatically numbered fields."""
+    try:
+        head, rest = _string.formatter_field_name_split(field)
+        if head == "":
+            auto[0] += 1
+            value = args[auto[0] - 1]
+        else:
+            value = args[head] if isinstance(head, int) else kwargs[head]
+        for is_attribute, key in rest:
+            if is_attribute or not isinstance(value, (Mapping, Sequence)):
+                return _Unknown
+            value = value[key]
+        return value
+    except Exception:  # Python's own formatting reports it
+        return None
+
+
+def _nested_spec(budget: _Budget, spec: str, args: Sequence[Any], kwargs: Mapping[str, Any], auto: list[int]
+                 ) -> str | None:
+    """A field's format spec as Python will apply it: each nested field (`{}`, `{w}`, `{0[1]}`, `{:9<9}`) replaced
+    by its text, so a width written as text, or pieced together from small numbers, is seen whole. None when
+    Python's own formatting will report a problem."""
+    try:
+        parts = list(_FORMATTER.parse(spec))
+    except ValueError:
+        return None
+    limit = budget.limits.max_output_chars
+    pieces = []
+    for literal, field, inner, conversion in parts:
+        pieces.append(literal)
+        if field is None:
+            continue
+        value = _field_value(field, args, kwargs, auto)
+        if value is _Unknown:
+            raise RenderLimitExceeded("format: a width or precision taken from an attribute cannot be checked; "
+                                      "pass it as an argument")
+        for digits in re.findall(r"\d+", inner or ""):
+            _size(budget, digits)
+        if _weight(budget, value, limit) * (10 if conversion in ("r", "a") else 1) > limit:
+            raise RenderLimitExceeded(f"format: a width or precision longer than {limit:,} characters")
         try:
-            if head == "":
-                auto += 1
-                return args[auto - 1]
-            return args[int(head)] if head.isdigit() else kwargs[head]
+            value = repr(value) if conversion == "r" else ascii(value) if conversion == "a" else \
+                str(value) if conversion == "s" else value
+            pieces.append(format(value, inner or ""))
         except Exception:  # Python's own formatting reports it
             return None
+    return "".join(pieces)
+
+
+def _estimate_brace(budget: _Budget, fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """`fmt.format(*args, **kwargs)`: every field's argument text and its widths and precisions added up, the
+    spec read as Python will apply it (nested fields replaced by their text)."""
+    limit = budget.limits.max_output_chars
+    auto = [0]
 
     try:
         fields = list(_FORMATTER.parse(fmt))
@@ -344,16 +390,15 @@ def _estimate_brace(budget: _Budget, fmt: str, args: Sequence[Any], kwargs: Mapp
         total += len(literal)
         if field is None:
             continue
-        total += _weight(budget, lookup(field), limit) * (4 if conversion in ("r", "a") else 1)
+        value = _field_value(field, args, kwargs, auto)
+        if value is _Unknown:  # an attribute of an argument: the argument as a whole
+            value = _field_value(_FIELD_HEAD.match(field).group(0), args, kwargs, [auto[0] - 1])  # type: ignore
+        total += _weight(budget, value, limit) * (4 if conversion in ("r", "a") else 1)
         if spec:
-            total += sum(_size(budget, digits) for digits in re.findall(r"\d+", spec))
-            try:
-                nested = [f for _, f, _, _ in _FORMATTER.parse(spec) if f is not None]
-            except ValueError:
-                nested = []
-            for inner in nested:
-                size = lookup(inner)
-                total += abs(size) if isinstance(size, int) and not isinstance(size, bool) else 0
+            applied = _nested_spec(budget, spec, args, kwargs, auto)
+            if applied is None:
+                return
+            total += sum(_size(budget, digits) for digits in re.findall(r"\d+", applied))
         if total > limit:
             break
     budget.check_size(total, "formatted text")
