@@ -54,6 +54,7 @@ MAX_FORM_BYTES = 16 * 1024
 SESSION_CACHE_SECONDS = 5.0  # the middleware trusts a checked session this long (a page rerun always asks again)
 _PUBLIC = re.compile(r"^(?:/login|/logout|/healthz|/setup/[A-Za-z0-9_-]{1,128})/?$")
 _WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -178,11 +179,11 @@ def _set_csrf(response: Response, token: str, site: Site) -> Response:
     return response
 
 
-def _same_origin(request: Request, site: Site) -> bool:
-    """False when the browser says the form came from another origin (an absent or opaque `null` Origin passes:
-    the CSRF token decides)."""
+def _same_origin(request: HTTPConnection, site: Site, *, opaque_passes: bool = True) -> bool:
+    """False when the browser says the request came from another origin (an absent Origin passes, and an opaque
+    `null` one unless opaque_passes is False: for a form, the CSRF token decides)."""
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
+    if origin is None or (origin == "null" and opaque_passes):
         return True
     expected = urllib.parse.urlsplit(site.settings.base_url).netloc if site.settings.base_url else \
         request.headers.get("host", "")
@@ -389,6 +390,17 @@ class AuthMiddleware:
             else:
                 await PlainTextResponse("Service unavailable: the database cannot be reached.", 503,
                                         headers={"Retry-After": "5"})(scope, receive, send)
+            return
+        if user is not None and (scope["type"] == "websocket" or scope.get("method") not in _SAFE_METHODS) \
+                and not _same_origin(connection, self.site, opaque_passes=False):
+            # SameSite=Lax sends the cookie from the site's other origins too (another port of this host: Streamlit
+            # would let any of them in): the websocket opens, and anything but a read is done, from this origin only.
+            log.warning("%s refused from origin %s", scope["type"], connection.headers.get("origin"))
+            if scope["type"] == "websocket":  # closed before accept: 403
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await PlainTextResponse("Refused: the request came from another origin.", 403,
+                                        headers=SECURITY_HEADERS)(scope, receive, send)
             return
         if user is not None:
             scope.setdefault("state", {})["user"] = user

@@ -101,12 +101,13 @@ def login(server: AppServer, username: str, password: str, *, headers: dict[str,
                 form={"csrf": csrf, "username": username, "password": password, **extra})
 
 
-def websocket_status(server: AppServer, cookies: dict[str, str] | None = None) -> int:
-    """Open Streamlit's websocket: 101 when accepted, else the HTTP status of the refusal."""
+def websocket_status(server: AppServer, cookies: dict[str, str] | None = None, origin: str | None = None) -> int:
+    """Open Streamlit's websocket (from this Origin): 101 when accepted, else the HTTP status of the refusal."""
     header = {"Cookie": "; ".join(f"{k}={v}" for k, v in (cookies or {}).items())} if cookies else None
     try:
         with websockets.sync.client.connect(f"ws://127.0.0.1:{server.port}/_stcore/stream", open_timeout=20,
-                                            additional_headers=header, subprotocols=["streamlit"]):
+                                            additional_headers=header, subprotocols=["streamlit"],
+                                            origin=origin):
             return 101
     except websockets.exceptions.InvalidStatus as exc:
         return exc.response.status_code
@@ -189,6 +190,23 @@ def test_forged_and_expired_cookies_are_refused(server, pool, alice):
     time.sleep(SESSION_CACHE_SECONDS + 0.5)  # the middleware trusts a checked session that long
     assert call(server, "GET", "/", cookies={SESSION_COOKIE: token}).status == 401
     assert websocket_status(server, {SESSION_COOKIE: token}) == 403
+
+
+def test_a_websocket_or_a_write_from_another_origin_of_this_site_is_refused(server, pool, alice):
+    """The session cookie is SameSite=Lax: a page of the same site on another port (or, behind a proxy, another
+    scheme) sends it along. Streamlit itself lets in any origin on 127.0.0.1, localhost or this machine's
+    addresses; the workbench's websocket opens only from the workbench's own origin."""
+    token = accounts.create_session(pool, alice)
+    assert websocket_status(server, {SESSION_COOKIE: token}, origin=server.url) == 101
+    for origin in (f"http://127.0.0.1:{server.port + 1}", f"http://localhost:{server.port}", "null"):
+        assert websocket_status(server, {SESSION_COOKIE: token}, origin=origin) == 403, origin
+        for method in ("POST", "PUT", "DELETE"):  # nor does anything but a read reach the app from there
+            response = call(server, method, "/_stcore/upload_file/s/f", cookies={SESSION_COOKIE: token},
+                            headers={"Origin": origin})
+            assert response.status == 403 and "another origin" in response.body, (method, origin)
+    for headers in ({}, {"Origin": server.url}):
+        response = call(server, "PUT", "/_stcore/upload_file/s/f", cookies={SESSION_COOKIE: token}, headers=headers)
+        assert "another origin" not in response.body
 
 
 def test_an_open_websocket_closes_once_its_session_has_ended(server, pool, alice):
