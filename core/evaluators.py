@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jsonschema
-import yaml
 
-from core import regexes, templates
+from core import regexes, templates, untrusted
 from core.errors import InvalidInput
 
 # type -> (what it checks, how it uses value / threshold)
@@ -186,14 +185,14 @@ def _is_templated(value: Any) -> bool:
 def _load_schema(value: Any) -> dict[str, Any]:
     """A JSON Schema from a mapping or its JSON/YAML text; EvaluatorError when it is not a valid schema."""
     schema = value
-    if isinstance(value, str):
+    if isinstance(value, str):  # JSON, else YAML read as any untrusted YAML (no aliases, bounded)
         try:
             schema = json.loads(value)
         except json.JSONDecodeError:
-            try:
-                schema = yaml.safe_load(value)
-            except yaml.YAMLError as exc:
-                raise EvaluatorError(f"JSON Schema is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
+            schema = untrusted.load_yaml(value, "JSON Schema", error=EvaluatorError)
+        except (RecursionError, ValueError):  # nested too deeply, a number of 5,000 digits: its one line
+            schema = untrusted.load_json(value, "JSON Schema", error=EvaluatorError)
+    untrusted.check_values(schema, "JSON Schema", error=EvaluatorError)
     if isinstance(schema, bool):
         return schema  # type: ignore[return-value]  # true/false are valid schemas
     if not isinstance(schema, Mapping):
@@ -228,6 +227,7 @@ def parse(spec: Mapping[str, Any] | str | Evaluator, *, allow_unsupported: bool 
         return parse_shorthand(spec, allow_unsupported=allow_unsupported)
     if not isinstance(spec, Mapping):
         raise EvaluatorError(f"an evaluator must be a mapping with a type, got {type(spec).__name__}")
+    untrusted.check_values(spec, "the evaluator", error=EvaluatorError)  # before anything walks or stores it
     raw_type = spec.get("type")
     if not isinstance(raw_type, str) or not raw_type.strip():
         raise EvaluatorError("an evaluator needs a type, e.g. {type: contains, value: ...}")

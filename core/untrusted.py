@@ -156,6 +156,30 @@ def load_yaml(text: str | bytes, what: str, *, error: type[PromptDevError] = Inv
         raise error(f"{what}: not valid YAML: {_first_line(exc)}") from None
 
 
+def check_values(value: Any, what: str, *, error: type[PromptDevError] = InvalidInput, max_nodes: int = MAX_NODES,
+                 max_depth: int = MAX_DEPTH) -> None:
+    """The caps of `load_yaml` for values already built (from JSON, from a caller, from YAML read elsewhere): more
+    than max_nodes values (TooLarge) or nesting deeper than max_depth is refused. A list or mapping that appears
+    several times counts each time, as it would written out, so values sharing their parts (YAML aliases) cost no
+    more to check than max_nodes steps."""
+    nodes = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise TooLarge(f"{what}: more than {max_nodes:,} values")
+        if isinstance(node, dict):
+            children: Any = (x for pair in node.items() for x in pair)
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth > max_depth:
+            raise error(f"{what}: nested more than {max_depth} levels deep")
+        stack.extend((child, depth + 1) for child in children)
+
+
 def load_json(text: str | bytes, what: str, *, error: type[PromptDevError] = InvalidInput) -> Any:
     """A JSON document; malformed or too deeply nested JSON is `error`, one line."""
     try:

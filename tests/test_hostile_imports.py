@@ -611,3 +611,67 @@ def test_the_command_line_refuses_each_class_in_one_line(app_env, pool, outside,
         assert code == 1 and out == "" and err.count("\n") == 1 and message in err, (message, err)
         assert err.startswith("promptdev: ") and "Traceback" not in err and SECRET not in err
     assert table_counts(pool) == before
+
+
+# -------------------------------------------------------------------------------------------- YAML inside values
+
+def _nested(levels: int) -> dict:
+    schema: dict = {}
+    for _ in range(levels):
+        schema = {"items": schema}
+    return schema
+
+
+@pytest.mark.parametrize("bomb", sorted(_bombs()))
+def test_yaml_bombs_in_an_evaluators_schema_text(pool, settings, tmp_path, bomb):
+    """A json-schema evaluator's value may be YAML text: the same reader, wherever the evaluator comes from."""
+    from core import evaluators
+
+    text, kind, message = _bombs()[bomb]
+    schema = text.format(top="properties")
+    for spec in ({"type": "json-schema", "value": schema}, {"type": "is-json", "value": schema},
+                 "json-schema:" + schema):
+        with bounded(seconds=5, rss_mb=48):
+            with refused(kind, "JSON Schema: ", message):
+                evaluators.parse(spec)
+    block = "".join(f"        {line}\n" for line in schema.splitlines())
+    body = "prompts: ['{{ x }}']\ntests:\n  - vars: {x: 1}\n    assert:\n      - type: json-schema\n        value: |\n" \
+        + block
+    before = table_counts(pool)
+    with bounded(seconds=5, rss_mb=48):
+        with refused(kind, message):
+            promptfoo.start(pool, settings, promptfoo.load_config(body))
+    assert table_counts(pool) == before
+
+
+@pytest.mark.parametrize("make, kind, message", [
+    (lambda: "[" * 100_000 + "]" * 100_000, errors.InvalidInput, "JSON Schema: not valid JSON: nested too deeply"),
+    (lambda: '{"items": ' * 200 + "{}" + "}" * 200, errors.InvalidInput, "nested more than 64 levels deep"),
+    (lambda: _nested(200), errors.InvalidInput, "nested more than 64 levels deep"),
+    (lambda: {"type": "array", "items": [{"const": 1}] * 300_000}, errors.TooLarge, "more than 250,000 values"),
+])
+def test_deep_or_huge_evaluator_definitions_are_refused_in_one_line(make, kind, message):
+    from core import evaluators
+
+    value = make()
+    with bounded(seconds=5, rss_mb=48):
+        with refused(kind, message):
+            evaluators.parse({"type": "json-schema", "value": value})
+    assert evaluators.parse({"type": "json-schema", "value": _nested(60)}).value == _nested(60)
+    assert evaluators.parse({"type": "json-schema", "value": "type: object\nrequired: [a]"}).value == \
+        {"type": "object", "required": ["a"]}
+
+
+def test_shared_values_in_an_evaluator_definition_are_counted_as_written_out():
+    """A definition built with shared lists (as YAML aliases build it, e.g. typed in a page) is counted as the
+    values it would be written out as, before anything walks or stores it."""
+    from core import evaluators
+
+    shared: list = ["lol"] * 9
+    for _ in range(8):
+        shared = [shared] * 9
+    for spec in ({"type": "equals", "value": shared}, {"type": "contains-any", "value": shared},
+                 {"type": "json-schema", "value": {"enum": shared}}, {"type": "javascript", "value": shared}):
+        with bounded(seconds=5, rss_mb=48):
+            with refused(errors.TooLarge, "the evaluator", "more than 250,000 values"):
+                evaluators.parse(spec, allow_unsupported=True)
