@@ -185,9 +185,20 @@ def _same_origin(request: HTTPConnection, site: Site, *, opaque_passes: bool = T
     origin = request.headers.get("origin")
     if origin is None or (origin == "null" and opaque_passes):
         return True
-    expected = urllib.parse.urlsplit(site.settings.base_url).netloc if site.settings.base_url else \
-        request.headers.get("host", "")
-    return urllib.parse.urlsplit(origin).netloc == expected
+    if site.settings.base_url:  # the scheme counts too: a plain-http page of the same host is another origin
+        base = _scheme_host_port(site.settings.base_url)
+        return base is not None and _scheme_host_port(origin) == base
+    return urllib.parse.urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+def _scheme_host_port(url: str) -> tuple[str, str, int] | None:
+    """An origin as browsers compare them (the default port made explicit), or None when it is not one."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    return None if port is None or not parts.hostname else (parts.scheme.lower(), parts.hostname, port)
 
 
 async def _form(request: Request) -> dict[str, str] | None:

@@ -334,3 +334,20 @@ def test_only_the_sign_in_routes_are_public():
     assert all(map(is_public, ["/login", "/logout", "/healthz", "/setup/abc_DEF-123", "/login/"]))
     assert not any(map(is_public, ["/", "/loginx", "/setup/", "/setup/a/b", "/setup/../_stcore/stream",
                                    "/_stcore/stream", "/healthz/x", "/static/login"]))
+
+
+def test_behind_https_an_origin_of_another_scheme_is_another_origin():
+    from starlette.requests import HTTPConnection
+
+    from core import web
+    from core.config import Settings
+
+    site = web.Site(Settings(base_url="https://promptdev.example"))
+
+    def same(origin: str) -> bool:
+        scope = {"type": "http", "headers": [(b"host", b"promptdev.example"), (b"origin", origin.encode())]}
+        return web._same_origin(HTTPConnection(scope), site, opaque_passes=False)
+
+    assert same("https://promptdev.example") and same("https://PromptDev.example:443")
+    assert not any(map(same, ["http://promptdev.example", "https://promptdev.example:8443", "null",
+                              "https://other.promptdev.example"]))
