@@ -336,6 +336,8 @@ def authenticate(pool: ConnectionPool, username: str, password: str, address: st
         with conn.transaction():  # the attempt is recorded whatever comes of it: the errors are raised after
             # One login at a time per name: the count and the record of concurrent guesses stay exact.
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (int(LockKey.LOGIN), typed))
+            if address:  # and one per address (after the name's: always in this order), for the address's count
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (int(LockKey.LOGIN), "@" + address))
             wait = _account_retry_after(conn, typed)
             if wait is None and address:
                 wait = _retry_after(conn, "address = %s", (address,), MAX_FAILURES_PER_ADDRESS)

@@ -167,6 +167,26 @@ def test_address_rate_limit_spans_accounts(pool):
     accounts.login(pool, "kim", PASSWORD, "192.0.2.8")  # another address is not held back
 
 
+def test_address_rate_limit_holds_against_concurrent_guesses_at_many_names(pool):
+    """Guesses at different names from one address, all at once, are counted one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def guess(i: int) -> str:
+        try:
+            accounts.login(pool, f"burst{i}", PASSWORD, "192.0.2.9")
+        except RateLimited:
+            return "limited"
+        except accounts.LoginFailed:
+            return "failed"
+        return "in"
+
+    with ThreadPoolExecutor(8) as pool_of_threads:
+        outcomes = list(pool_of_threads.map(guess, range(accounts.MAX_FAILURES_PER_ADDRESS + 12)))
+    assert outcomes.count("failed") == accounts.MAX_FAILURES_PER_ADDRESS and outcomes.count("limited") == 12
+    assert sql(pool, "SELECT count(*) FROM login_attempts WHERE outcome = 'unknown_user'") == \
+        [(accounts.MAX_FAILURES_PER_ADDRESS,)]
+
+
 def test_setup_token_is_valid_once(pool):
     token = accounts.first_run_setup_token(pool)
     assert token and accounts.setup_token_valid(pool, token)
