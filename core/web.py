@@ -15,7 +15,9 @@ repeats in a hidden field; they must match) and, when the browser sends one, an 
 `AuthMiddleware` runs before everything else and refuses any request without a live session — Streamlit's pages,
 static files, media, `/_stcore/*` endpoints and the `/_stcore/stream` websocket (closed before it is accepted, which
 the server answers with 403) — except the routes above. A browser asking for a page is redirected to /login;
-anything else gets 401.
+anything else gets 401. With a session, a websocket opens and a write (not GET, HEAD or OPTIONS) passes only from this
+origin (the Lax cookie comes along from the host's other ports too), and an open websocket closes at the next message
+its browser sends once the session has ended.
 """
 
 from __future__ import annotations
