@@ -52,10 +52,75 @@ def _compiled(pattern: str, flags: int) -> regex.Pattern[str]:
     return regex.compile(pattern, flags | regex.VERSION0)
 
 
+MAX_REPEATS = 10_000  # characters a pattern's counted repetitions add once expanded ({m} compiles into m copies)
+_COUNT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+_BRACED_ESCAPES = frozenset("pPNxuUgk")  # \p{L}, \N{name}, \x{41}, \g<1>: their braces are not counts
+
+
+def _repeats(pattern: str) -> int:
+    """How many atoms the counted repetitions (`{m}`, `{m,}`, `{m,n}`) of a pattern add when it is compiled: the
+    `regex` engine lays out the m required copies of what is repeated, nested counts multiplying, so `a{4000000}`
+    (44 characters) compiles into a gigabyte in one call that holds the interpreter lock. Read in one linear pass,
+    before compiling; an estimate that never counts less than the engine lays out (alternatives add up)."""
+    frames: list[list[int]] = [[0, 0]]  # per open group: [weight so far, weight of the last atom]
+    extra = i = 0
+    n = len(pattern)
+    while i < n:
+        c = pattern[i]
+        frame = frames[-1]
+        if c == "\\":
+            j = i + 2
+            if j - 1 < n and pattern[j - 1] in _BRACED_ESCAPES and j < n and pattern[j] in "{<":
+                end = pattern.find("}" if pattern[j] == "{" else ">", j)
+                j = n if end < 0 else end + 1
+            frame[0] += 1
+            frame[1] = 1
+            i = j
+            continue
+        if c == "[":
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            frame[0] += 1
+            frame[1] = 1
+            i = j + 1
+            continue
+        if c == "(":
+            frames.append([0, 0])
+        elif c == ")" and len(frames) > 1:
+            inner = frames.pop()[0]
+            frames[-1][0] += inner
+            frames[-1][1] = inner
+        elif c == "{" and (count := _COUNT.match(pattern, i)) is not None and count.group(1):
+            times = int(count.group(1)) if len(count.group(1)) <= 12 else 10 ** 12
+            added = frame[1] * max(times - 1, 0)
+            frame[0] += added
+            frame[1] += added
+            extra += added
+            if extra > MAX_REPEATS * 10:
+                return extra
+            i = count.end()
+            continue
+        elif c in "|*+?":
+            frame[1] = 0
+        else:
+            frame[0] += 1
+            frame[1] = 1
+        i += 1
+    return extra
+
+
 def compile(pattern: str, what: str = "regular expression", flags: int = 0) -> regex.Pattern[str]:  # noqa: A001
     """The compiled pattern (cached); RegexError naming the problem when it does not compile."""
     if not isinstance(pattern, str):
         raise RegexError(f"the {what} must be text, got {type(pattern).__name__}")
+    if _repeats(pattern) > MAX_REPEATS:
+        raise RegexError(f"the {what} {_show(pattern)} repeats too much: its counted repetitions ({{m}}) would add "
+                         f"more than {MAX_REPEATS:,} characters to it")
     try:
         return _compiled(pattern, flags)
     except regex.error as exc:

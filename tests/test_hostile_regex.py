@@ -6,6 +6,7 @@ from an item's variables) is bounded in time, never stalls another thread more t
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 
 import pytest
@@ -157,3 +158,33 @@ def test_invalid_patterns_keep_pythons_wording():
         regexes.check_pattern("(")
     with pytest.raises(regexes.RegexError, match="longer than 1,000"):
         regexes.check_pattern("a" * 1001)
+
+
+# -- counted repetition that compiles into a huge program ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", [
+    "a{4000000}",  # 44 characters that compiled into 1 GB, holding the interpreter lock for 1.2 s
+    "(?:a{1000}){1000}",
+    "[ab]{1000000,}",
+    "(?:ab){2000}(?:cd){2000}(?:ef){2000}",
+    "x|" * 10 + "a{100000}",
+])
+def test_counted_repetition_is_bounded_before_it_is_compiled(pattern):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with pytest.raises(regexes.RegexError, match="repeats too much"):
+        regexes.compile(pattern)
+    with pytest.raises(regexes.RegexError, match="repeats too much"):
+        regexes.search(pattern, "aaa")
+    assert time.monotonic() - started < 0.2
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 20_000_000
+
+
+def test_ordinary_counted_repetition_still_compiles():
+
+    for pattern in (r"\d{4}-\d{2}-\d{2}", r"a{0,1000000}", r"(?:[A-Z]{2}\d{2}){1,50}", r"\{3\}x{2}", r"[{]{3}",
+                    r"\p{L}{10}", "|".join(f"word{i}" for i in range(3000))):
+        assert regexes.compile(pattern).pattern == pattern
