@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Callable
 
 import anyio.to_thread
 from psycopg_pool import ConnectionPool
-from starlette.datastructures import URL
+from starlette.datastructures import URL, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -382,6 +382,22 @@ async def healthz(_request: Request) -> Response:
 
 # -------------------------------------------------------------------------------------------------- middleware
 
+def _framed_by_nothing_else(send: Send) -> Send:
+    """send, with the workbench's responses framed by the workbench only (its components are frames of its own;
+    another port of this host is the same site, so its frames would carry the Lax cookie)."""
+
+    async def send_framed_by_nothing_else(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+            policy = headers.get("Content-Security-Policy")
+            if policy is None or "frame-ancestors" not in policy:
+                headers["Content-Security-Policy"] = "; ".join(filter(None, [policy, "frame-ancestors 'self'"]))
+        await send(message)
+
+    return send_framed_by_nothing_else
+
+
 class AuthMiddleware:
     """Refuse every HTTP request and websocket without a live session, except the public paths (is_public)."""
 
@@ -419,6 +435,8 @@ class AuthMiddleware:
             scope.setdefault("state", {})["user"] = user
             if scope["type"] == "websocket":
                 receive = self._while_signed_in(token, receive, send)
+            else:
+                send = _framed_by_nothing_else(send)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":  # closed before accept: the server answers the upgrade with 403

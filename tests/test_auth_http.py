@@ -209,6 +209,16 @@ def test_a_websocket_or_a_write_from_another_origin_of_this_site_is_refused(serv
         assert "another origin" not in response.body
 
 
+def test_the_workbench_is_framed_by_nothing_but_itself(server, pool, alice):
+    """Another port of this host is the same site: the Lax cookie comes along into its frames. Only the workbench
+    frames the workbench (its components are frames of its own)."""
+    token = accounts.create_session(pool, alice)
+    for path in ("/", "/static/js/index.js", "/_stcore/health"):
+        response = call(server, "GET", path, cookies={SESSION_COOKIE: token})
+        assert response.status == 200 and response.headers.get("x-frame-options") == "SAMEORIGIN", path
+        assert "frame-ancestors 'self'" in response.headers.get("content-security-policy", ""), path
+
+
 def test_an_open_websocket_closes_once_its_session_has_ended(server, pool, alice):
     """A tab left open keeps its websocket: after a sign-out, a deactivation or a password reset, the next message it
     sends (an interaction, a fragment's timed rerun) closes it, instead of reaching the app without a session."""
