@@ -17,7 +17,7 @@ static files, media, `/_stcore/*` endpoints and the `/_stcore/stream` websocket 
 the server answers with 403) — except the routes above. A browser asking for a page is redirected to /login;
 anything else gets 401. With a session, a websocket opens and a write (not GET, HEAD or OPTIONS) passes only from this
 origin (the Lax cookie comes along from the host's other ports too), and an open websocket closes at the next message
-its browser sends once the session has ended.
+its browser sends once the session has ended. The workbench's own responses may be framed by the workbench only.
 """
 
 from __future__ import annotations
