@@ -222,7 +222,8 @@ def _phone_spans(text: str, timeout: float = regexes.MATCH_SECONDS) -> list[tupl
 def _words_regex(words: Sequence[str]) -> Any:
     alternatives = sorted({w.strip() for w in words if w.strip()}, key=len, reverse=True)
     parts = [r"\s+".join(re.escape(piece) for piece in w.split()) for w in alternatives]
-    return regexes.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", flags=re.IGNORECASE)
+    return regexes.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", flags=re.IGNORECASE,
+                           max_chars=None)  # the words are capped (MAX_WORDS_CHARS), not this alternation
 
 
 def _windows(text: str) -> list[tuple[int, str]]:

@@ -114,10 +114,15 @@ def _repeats(pattern: str) -> int:
     return extra
 
 
-def compile(pattern: str, what: str = "regular expression", flags: int = 0) -> regex.Pattern[str]:  # noqa: A001
-    """The compiled pattern (cached); RegexError naming the problem when it does not compile."""
+def compile(pattern: str, what: str = "regular expression", flags: int = 0,  # noqa: A001
+            max_chars: int | None = MAX_PATTERN_CHARS) -> regex.Pattern[str]:
+    """The compiled pattern (cached); RegexError naming the problem when it does not compile, is longer than
+    max_chars (a pattern a user wrote or an evaluator rendered; None for one built here, e.g. from a words list,
+    whose parts are capped where they are saved) or repeats too much."""
     if not isinstance(pattern, str):
         raise RegexError(f"the {what} must be text, got {type(pattern).__name__}")
+    if max_chars is not None and len(pattern) > max_chars:
+        raise RegexError(f"the {what} is longer than {max_chars:,} characters")
     if _repeats(pattern) > MAX_REPEATS:
         raise RegexError(f"the {what} {_show(pattern)} repeats too much: its counted repetitions ({{m}}) would add "
                          f"more than {MAX_REPEATS:,} characters to it")
