@@ -465,7 +465,7 @@ def _free_models() -> None:
     A model still generating in a thread that outlived its grace period is left alone: freeing memory a decode is
     using would crash the process on its way out (its work has been handed back already)."""
     for backend in list(_loaded):
-        if getattr(backend, "in_use", lambda: False)():
+        if getattr(backend, "in_use", False):
             continue
         try:
             backend._free()

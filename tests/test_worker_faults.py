@@ -61,11 +61,12 @@ def wait(predicate, timeout: float = 120.0, every: float = 0.02, proc: subproces
 
 
 def terminate_other_backends(database_url: str) -> int:
-    """pg_terminate_backend of every session of the test database but this one: the pool's, the worker's, the
-    liveness lock's."""
+    """pg_terminate_backend of every client session of the test database but this one: the pool's, the worker's,
+    the liveness lock's (the server's own processes, such as an autovacuum worker, are not ours to end)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         return conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                            "AND backend_type = 'client backend' AND usename = current_user").fetchone()[0]
 
 
 def item_states(pool, run_id: int) -> list[tuple]:
