@@ -53,6 +53,7 @@ TYPES: dict[str, str] = {
 REFERENCE_TYPES = {"equals", "contains", "icontains", "contains-any", "icontains-any", "contains-all", "icontains-all",
                    "starts-with", "levenshtein", "similarity", "rouge-l", "rouge-n"}
 DEFAULT_THRESHOLDS = {"levenshtein": 5.0, "similarity": 0.8, "rouge-l": 0.75, "rouge-n": 0.75}
+MAX_COMPARE_CELLS = 10_000_000  # levenshtein, similarity, rouge-l: output length × value length (~2 s)
 THRESHOLD_REQUIRED = {"latency", "cost", "completion-tokens"}
 VALUE_REQUIRED = {"regex", "finish-reason", "llm-rubric"}
 # promptfoo types (and CSV shorthands) PromptDev does not run: imported as failing "unsupported" checks.
@@ -690,6 +691,11 @@ def _check(ev: Evaluator, ctx: Context) -> tuple[bool, float, str, int | None]:
     if t in ("levenshtein", "similarity", "rouge-l", "rouge-n"):
         ref = str(_reference(ev, value, ctx))
         threshold = ev.threshold if ev.threshold is not None else DEFAULT_THRESHOLDS[t]
+        cells = len(out) * len(ref) if t != "rouge-l" else len(_words(out)) * len(_words(ref))
+        if t != "rouge-n" and cells > MAX_COMPARE_CELLS:  # a table of len × len cells, filled in Python
+            unit = "words" if t == "rouge-l" else "characters"
+            raise _Unusable(f"the output and the value are too long to compare ({cells:,} pairs of {unit}; at "
+                            f"most {MAX_COMPARE_CELLS:,})")
         if t == "levenshtein":
             d = levenshtein(out, ref)
             ok = d <= threshold

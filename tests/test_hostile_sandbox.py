@@ -326,3 +326,21 @@ def test_nested_format_fields_still_work():
     assert tpl.render_string("{{ '{:{}}|'.format('a', 5) }}{{ '{:>{w}.{p}f}'.format(3.14159, w=8, p=2) }}"
                              "{{ '{0:{1[0]}}'.format('b', ['^5']) }}{{ '{:{:0>2}}|'.format('c', 3) }}") \
         == "a    |    3.14  b  c00|"
+
+
+# -- evaluators that compare two long texts cell by cell ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["levenshtein", "similarity", "rouge-l"])
+def test_comparisons_of_two_long_texts_fail_instead_of_running_for_hours(kind):
+    """Edit distance and ROUGE-L fill a table of len(output) × len(value) cells in Python: two texts of 20,000
+    characters (or words) ran for minutes in a worker. Beyond MAX_COMPARE_CELLS the check fails and says why."""
+    long = "a " * 20_000 if kind == "rouge-l" else "a" * 20_000
+    ev = evaluators.parse({"type": kind, "value": long.replace("a", "b"), "threshold": 0.5 if kind != "levenshtein"
+                           else 5})
+    with ticker(2.0):
+        check = evaluators.run(ev, evaluators.Context(output=long))
+    assert not check.passed and "too long to compare" in check.reason, check.reason
+    one_plain_line(check.reason)
+    short = evaluators.run(ev, evaluators.Context(output=long[:400]))  # 400 × 20,000 cells still compare
+    assert "too long" not in short.reason
