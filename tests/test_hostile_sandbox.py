@@ -344,3 +344,17 @@ def test_comparisons_of_two_long_texts_fail_instead_of_running_for_hours(kind):
     one_plain_line(check.reason)
     short = evaluators.run(ev, evaluators.Context(output=long[:400]))  # 400 × 20,000 cells still compare
     assert "too long" not in short.reason
+
+
+@pytest.mark.parametrize("source", [
+    "{{ range(1000) | list | tojson(indent=999999) | length }}",  # built 1 GB (2 GB peak) before it was refused
+    "{{ range(1000) | list | tojson(indent='x' * 999999) | length }}",
+    "{{ {'a': range(1000) | list} | tojson(99999) | length }}",
+    "{{ [[[[[[1]]]]]] | tojson(indent=999999) | length }}",
+])
+def test_indented_json_is_sized_before_it_is_written(source):
+    kind, message, seconds, grown = render_measured(source)
+    assert kind == "RenderLimitExceeded" and "JSON text" in message, (kind, message)
+    one_plain_line(message)
+    assert seconds < 2 and grown < 50_000_000, (seconds, grown)
+    assert tpl.render_string("{{ {'a': [1, 2]} | tojson(indent=2) }}") == '{\n  "a": [\n    1,\n    2\n  ]\n}'

@@ -455,6 +455,26 @@ def _estimate_expandtabs(budget: _Budget, s: Any, size: Any) -> None:
         budget.check_size(len(s) + s.count(tab) * max(size, 0), "expanded text")
 
 
+def _estimate_json_indent(budget: _Budget, value: Any, indent: Any) -> None:
+    """`tojson(indent=…)` writes every item and key on a line of its own, indented by its depth: that indentation
+    is counted before the JSON is written (a list of 1,000 numbers with an indent of 999,999 is a gigabyte)."""
+    width = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
+    if isinstance(indent, bool) or width <= 0:
+        return
+    limit = budget.limits.max_output_chars
+    total = 0
+    stack = [(value, 1)]
+    while stack and total <= limit:  # every list or mapping adds at least one character per item: bounded by limit
+        node, depth = stack.pop()
+        children: Any = list(node.values()) if isinstance(node, Mapping) else \
+            node if isinstance(node, (list, tuple)) else None
+        if children is None:
+            continue
+        total += (len(children) + 1) * depth * width
+        stack.extend((child, depth + 1) for child in children)
+    budget.check_size(total, "indented JSON text")
+
+
 _WRAP_WORD = re.compile(r"[^\t\n\x0b\x0c\r ]+")
 
 

@@ -43,6 +43,7 @@ from .budget import (
     _estimate_expandtabs,
     _estimate_int_text,
     _estimate_join,
+    _estimate_json_indent,
     _estimate_percent,
     _estimate_replace,
     _estimate_sum,
@@ -177,6 +178,8 @@ def _guard_filter(name: str, func: Any) -> Any:
             _check_args(budget, rest, kwargs)
         if name in _TEXT_FILTERS:
             _check_text(budget, value)
+        if name == "tojson":
+            _estimate_json_indent(budget, value, rest[0] if rest else kwargs.get("indent"))
         if name == "join":
             _estimate_join(budget, value, rest[0] if rest else kwargs.get("d", ""))
         elif name == "replace" and len(rest) >= 2:
