@@ -10,7 +10,6 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 import streamlit as st
-import yaml
 
 from core import datasets as ds
 from core import evaluations as ev
@@ -46,10 +45,7 @@ def pct(x: float | None) -> str:
 
 def evaluator_list(text: str) -> list:
     """Evaluators typed as YAML (a promptfoo assert list)."""
-    try:
-        specs = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"The YAML is not valid: {next(iter(str(exc).splitlines()), '?')}") from exc
+    specs = untrusted.load_yaml(text, "The evaluators")
     if not isinstance(specs, list):
         raise InvalidInput("The YAML must be a list of evaluators (- type: ...)")
     return specs

@@ -111,6 +111,10 @@ def test_eval_run_prints_a_summary_and_gates_on_the_pass_rate(promptdev, pool):
      "top_p must be in"),
     (["eval", "run", "--dataset", "people", "--template", "greet", "--asserts", "/nonexistent.yaml"],
      "cannot read /nonexistent.yaml"),
+    (["eval", "run", "--dataset", "people", "--template", "greet", "--assert", "{type: equals, value: &a x, name: *a}"],
+     "YAML anchors (&a) are not accepted"),
+    (["eval", "run", "--dataset", "people", "--template", "greet", "--assert", "{type: equals, value: [[[[[[[[[[[["],
+     "not valid YAML"),
     (["eval", "show", "99"], "no evaluation run with id 99"),
     (["eval", "compare", "1:x"], "compare takes RUN or RUN:VERSION"),
 ])

@@ -358,3 +358,13 @@ def test_indented_json_is_sized_before_it_is_written(source):
     one_plain_line(message)
     assert seconds < 2 and grown < 50_000_000, (seconds, grown)
     assert tpl.render_string("{{ {'a': [1, 2]} | tojson(indent=2) }}") == '{\n  "a": [\n    1,\n    2\n  ]\n}'
+
+
+@pytest.mark.parametrize("depth", [65, 300, 5000])
+def test_a_schema_nested_too_deep_is_one_line_not_a_recursion_error(depth):
+    """jsonschema walks a schema recursively: depth is refused before it does."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"x": schema}}
+    with pytest.raises(tpl.TemplateError, match="nested more than 64 levels deep"):
+        tpl.render_content(None, "{{ x }}", {"x": {}}, input_schema=schema)

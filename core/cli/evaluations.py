@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from core import datasets, db, evaluations, evaluators, promptfoo
+from core import datasets, db, evaluations, evaluators, promptfoo, untrusted
 from core.cli._common import fail, json_or_text
 from core.config import Settings
 
@@ -114,12 +112,8 @@ def _datasets_delete(args: argparse.Namespace, settings: Settings) -> None:
 def _evaluator_specs(args: argparse.Namespace) -> list[Any]:
     specs: list[Any] = []
     if args.asserts:
-        try:
-            loaded = yaml.safe_load(Path(args.asserts).read_text(encoding="utf-8"))
-        except OSError as exc:
-            fail(f"cannot read {args.asserts}: {exc.strerror or exc}")
-        except yaml.YAMLError as exc:
-            fail(f"{args.asserts}: not valid YAML: {str(exc).splitlines()[0]}")
+        path = Path(args.asserts).resolve()
+        loaded = untrusted.load_yaml(untrusted.read_file(path, promptfoo.MAX_CONFIG_BYTES, args.asserts), args.asserts)
         if isinstance(loaded, dict) and "assert" in loaded:
             loaded = loaded["assert"]
         if not isinstance(loaded, list):
@@ -128,10 +122,7 @@ def _evaluator_specs(args: argparse.Namespace) -> list[Any]:
     for raw in args.assertion or []:
         text = raw.strip()
         if text.startswith("{"):
-            try:
-                specs.append(yaml.safe_load(text))
-            except yaml.YAMLError as exc:
-                fail(f"--assert {raw!r}: not valid YAML/JSON: {str(exc).splitlines()[0]}")
+            specs.append(untrusted.load_yaml(text, f"--assert {raw!r}"))
         else:
             try:
                 specs.append(evaluators.parse_shorthand(text, strict=True).to_dict())

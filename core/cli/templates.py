@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core import db
+from core import db, untrusted
 from core import templates as tpl
 from core.cli._common import fail
 from core.config import Settings
@@ -40,15 +38,9 @@ def _json_arg(value: str | None, what: str) -> Any:
         return None
     text = value
     if value.startswith("@"):
-        try:
-            text = Path(value[1:]).read_text(encoding="utf-8")
-        except OSError as exc:
-            fail(f"{what}: cannot read {value[1:]}: {exc.strerror or exc}")
+        text = untrusted.read_file(Path(value[1:]).resolve(), interchange.MAX_IMPORT_BYTES, f"{what} ({value[1:]})")
         if value.lower().endswith((".yaml", ".yml")):
-            try:
-                return yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                fail(f"{what}: not valid YAML: {str(exc).splitlines()[0]}")
+            return untrusted.load_yaml(text, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jsonschema
 
-from core import regexes
+from core import regexes, untrusted
 from core.llm import GenerationParams
 
 from .errors import InvalidTemplateInput, TemplateSyntaxError
@@ -117,6 +117,7 @@ def _check_schema(schema: Any, which: str) -> dict[str, Any] | None:
         return None
     if not isinstance(schema, Mapping):
         raise InvalidTemplateInput(f"the {which} schema must be a JSON object")
+    untrusted.check_values(schema, f"the {which} schema", error=InvalidTemplateInput)  # jsonschema recurses
     schema = json.loads(json.dumps(schema))
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
